@@ -1,5 +1,11 @@
 """Config keys of ood_det. ``add_ood_config(cfg)`` adds them to a detectron2 config."""
+import difflib
+from pathlib import Path
+
+import yaml
 from detectron2.config import CfgNode as CN
+
+from .errors import ConfigError
 
 
 def add_ood_config(cfg):
@@ -20,3 +26,55 @@ def add_ood_config(cfg):
     # OOD test split(s): images holding no in-distribution class.
     _C.DATASETS.OOD_TEST = ()
     return cfg
+
+
+def configs_dir() -> Path:
+    """The project's ``configs/`` folder (next to the package in a source checkout)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_file(name: str) -> Path:
+    """A config path as given, or a bare file name (``.yaml`` optional) under ``configs/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (configs_dir() / name, configs_dir() / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.name for p in configs_dir().glob("*.yaml"))
+    hint = difflib.get_close_matches(path.name, available, n=1)
+    raise ConfigError(
+        f"config file {name!r} not found (neither as a path nor under {configs_dir()}); "
+        + (f"did you mean {hint[0]!r}? " if hint else "")
+        + f"available: {', '.join(available)}"
+    )
+
+
+def load_config(config_file: str, opts=()):
+    """detectron2 config with the ood_det keys, merged from ``config_file`` and ``opts``.
+
+    Unknown keys and values of the wrong type raise ``ConfigError`` naming the
+    key and the file.
+    """
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_ood_config(cfg)
+    path = resolve_config_file(config_file) if config_file else None
+    try:
+        if path is not None:
+            cfg.merge_from_file(str(path))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{path}: {_one_line(e)}; check the key's spelling against `get_cfg()` + add_ood_config") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config ({_one_line(e)})") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"command-line override: {_one_line(e)}") from None
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e.args[0]) if len(e.args) == 1 else str(e)
+    return " ".join(text.split())

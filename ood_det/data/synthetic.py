@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import DatasetError
+
 logger = logging.getLogger(__name__)
 
 ID_CLASSES = ("circle", "square", "triangle", "hexagon")
@@ -116,14 +118,15 @@ def _draw_shape(mask_draw, name, cx, cy, r, angle, rng):
 
 
 def _background(rng, size):
-    """A smooth colour gradient, blotchy low-frequency texture and pixel noise."""
+    """A colour gradient plus smooth low-frequency blotches (pixel noise is added last)."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     c0, c1 = rng.uniform(30, 200, 3), rng.uniform(30, 200, 3)
     t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
     img = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
-    coarse = rng.normal(0, 25, (8, 8, 3))
-    img += np.kron(coarse, np.ones((size // 8, size // 8, 1)))
-    return img
+    # Smooth blotches (bicubic upsampling of a coarse grid): texture without straight edges.
+    coarse = rng.normal(128, 25, (6, 6, 3)).clip(0, 255).astype(np.uint8)
+    blotches = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.float64)
+    return img + blotches - 128
 
 
 def _box_iou(a, b):
@@ -246,7 +249,7 @@ def ensure_split(split: str, root=None, seed: int = DEFAULT_SEED, sizes=None) ->
                 logger.info("Generating synthetic shapes split %r into %s ...", split, out)
                 generate_split(out, split, seed, (sizes or {}).get(split))
     except OSError as e:
-        raise RuntimeError(
+        raise DatasetError(
             f"cannot write the synthetic shapes dataset under {out} ({e.strerror}); "
             "set DETECTRON2_DATASETS to a writable folder"
         ) from None
@@ -260,13 +263,19 @@ def load_shapes(split: str, root=None, seed: int = DEFAULT_SEED, sizes=None, dat
 
     json_path = ensure_split(split, root, seed, sizes)
     image_root = json_path.parent.parent / split
-    if SPLITS[split].ood:
+    ood = SPLITS[split].ood
+    try:
+        dicts = load_coco_json(str(json_path), str(image_root), None if ood else dataset_name)
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(
+            f"{json_path}: unreadable synthetic shapes annotations ({e}); "
+            f"delete {json_path.parent.parent} and it is generated again on next use"
+        ) from None
+    if ood:
         # OOD images are inference-only: their objects are of no class the model knows.
-        dicts = load_coco_json(str(json_path), str(image_root), None)
         for d in dicts:
             d["ood_annotations"] = d.pop("annotations", [])
-        return dicts
-    return load_coco_json(str(json_path), str(image_root), dataset_name)
+    return dicts
 
 
 def register_shapes_splits(prefix: str = "shapes", root=None, seed: int = DEFAULT_SEED, sizes=None):

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Train and evaluate an ood_det detector.
+
+    tools/train_net.py --config-file shapes_vanilla.yaml
+    tools/train_net.py --config-file shapes_vanilla.yaml --eval-only MODEL.WEIGHTS output/shapes_vanilla/model_final.pth
+    tools/train_net.py --num-gpus 8 --config-file voc_energy_cfl.yaml
+
+``--config-file`` takes a path or a bare file name under ``configs/``; trailing
+``KEY VALUE`` pairs override the config.
+"""
+import sys
+
+import ood_det  # noqa: F401  (registers datasets and models; must precede detectron2.data)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+
+from ood_det.errors import OODDetError
+from ood_det.engine import Trainer, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except OODDetError as e:
+        if comm.is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
