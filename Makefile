@@ -1,7 +1,7 @@
 # ood_det: the two commands of the README are `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= shapes_vanilla.yaml
+DEMO_CONFIG ?= shapes_energy_cfl.yaml
 DEMO_OUTPUT ?= output/demo
 
 .PHONY: setup demo test clean

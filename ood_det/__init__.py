@@ -10,8 +10,10 @@ compat.apply()
 
 from .config import add_ood_config  # noqa: E402
 from .data import register_all  # noqa: E402
+from .modeling.roi_heads import EnergyCFLOutputLayers, EnergyCFLROIHeads  # noqa: E402  (registers the head)
+from .predictor import OODPredictor  # noqa: E402
 
 register_all()
 
-__all__ = ["add_ood_config", "register_all"]
+__all__ = ["add_ood_config", "register_all", "EnergyCFLOutputLayers", "EnergyCFLROIHeads", "OODPredictor"]
 __version__ = "0.1.0"

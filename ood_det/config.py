@@ -20,6 +20,45 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.SCORE = "combined"
     # Temperature T of energy(x) = -T * logsumexp(f_1..f_K(x) / T).
     _C.MODEL.OOD.ENERGY_TEMPERATURE = 1.0
+    # Weight w of the representation term in the "combined" id score.
+    _C.MODEL.OOD.REP_SCORE_WEIGHT = 1.0
+
+    # Embedding head: box feature (D) -> hidden -> EMBED_DIM (E), L2-normalized.
+    _C.MODEL.OOD.EMBED_DIM = 128
+    # Hidden width of the embedding MLP.
+    _C.MODEL.OOD.EMBED_HIDDEN_DIM = 256
+
+    # Cluster Focal Loss on foreground proposals: temperature tau of the center similarities.
+    _C.MODEL.OOD.CFL_TAU = 0.1
+    # Focusing exponent gamma (0 = softmax cross-entropy on center similarities).
+    _C.MODEL.OOD.CFL_GAMMA = 2.0
+    # Weight of loss_cfl.
+    _C.MODEL.OOD.CFL_WEIGHT = 1.0
+
+    # Energy loss between ID foreground proposals and virtual outliers: "logistic" (VOS) or "margin".
+    _C.MODEL.OOD.ENERGY_LOSS = "logistic"
+    # Weight of loss_energy.
+    _C.MODEL.OOD.ENERGY_LOSS_WEIGHT = 0.1
+    # "margin" loss: ID energies above M_IN and outlier energies below M_OUT are penalized.
+    _C.MODEL.OOD.ENERGY_MARGIN_IN = -10.0
+    # See ENERGY_MARGIN_IN.
+    _C.MODEL.OOD.ENERGY_MARGIN_OUT = -3.0
+
+    # loss_rep_out: outliers whose largest center similarity exceeds this margin are pushed away.
+    _C.MODEL.OOD.REP_OUT_MARGIN = 0.0
+    # Weight of loss_rep_out.
+    _C.MODEL.OOD.REP_OUT_WEIGHT = 1.0
+
+    # Virtual outlier synthesis: first iteration that samples outliers (queues must be full too).
+    _C.MODEL.OOD.START_ITER = 12000
+    # Box-head features kept per class (FIFO).
+    _C.MODEL.OOD.QUEUE_SIZE = 1000
+    # N: candidates per class of which the least likely are kept (VOS: 10000).
+    _C.MODEL.OOD.NUM_CANDIDATES = 10000
+    # S: outliers kept per class and iteration (VOS: 1).
+    _C.MODEL.OOD.NUM_SAMPLES = 1
+    # eps added to the diagonal of the shared covariance.
+    _C.MODEL.OOD.COV_EPS = 1e-4
 
     # In-distribution validation split(s) on which OOD thresholds are calibrated (never a test set).
     _C.DATASETS.OOD_CALIBRATION = ()

@@ -1,4 +1,5 @@
-"""One training step and one inference call of the shapes_vanilla model on CPU."""
+"""One training step and one inference call of the shapes models on CPU."""
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -19,15 +20,18 @@ def _batch(num_images=2, size=128):
     return batch
 
 
-def test_one_training_step_and_inference():
+@pytest.mark.parametrize("config", ["shapes_vanilla", "shapes_energy_cfl"])
+def test_one_training_step_and_inference(config):
     torch.manual_seed(0)
-    cfg = load_config("shapes_vanilla")
+    cfg = load_config(config)
     model = build_model(cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     with EventStorage(0):
         losses = model(_batch())
-    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    assert set(losses) == {
+        "loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_cfl", "loss_energy", "loss_rep_out"
+    }
     total = sum(losses.values())
     assert torch.isfinite(total)
     opt.zero_grad()
@@ -42,6 +46,6 @@ def test_one_training_step_and_inference():
     assert len(out) == 2
     inst = out[0]["instances"]
     assert inst.image_size == (256, 256)  # rescaled to the requested output size
-    for field in ("pred_boxes", "scores", "pred_classes"):
+    for field in ("pred_boxes", "scores", "pred_classes", "energy", "rep_scores", "ood_scores", "is_ood"):
         assert inst.has(field)
     assert len(inst) <= cfg.TEST.DETECTIONS_PER_IMAGE

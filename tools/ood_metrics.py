@@ -42,11 +42,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 from ood_det.evaluation.metrics import METRIC_KEYS, format_metrics_table, ood_metrics
+from ood_det.utils import atomic_write
 
 #: ``--score`` name -> (array key in the .npz, sign that makes higher = more ID)
 SCORES = {
@@ -134,20 +134,11 @@ def compute(id_path, ood_paths, score="combined", min_confidence=None):
 
 
 def write_json_atomic(path, payload):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ood_metrics.", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+    atomic_write(path, write)
 
 
 def build_parser():

@@ -3,6 +3,7 @@
 
     tools/train_net.py --config-file shapes_vanilla.yaml
     tools/train_net.py --config-file shapes_vanilla.yaml --eval-only MODEL.WEIGHTS output/shapes_vanilla/model_final.pth
+    tools/train_net.py --config-file shapes_vanilla.yaml --calibrate MODEL.WEIGHTS output/shapes_vanilla/model_final.pth
     tools/train_net.py --num-gpus 8 --config-file voc_energy_cfl.yaml
 
 ``--config-file`` takes a path or a bare file name under ``configs/``; trailing
@@ -11,27 +12,46 @@
 import sys
 
 import ood_det  # noqa: F401  (registers datasets and models; must precede detectron2.data)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
 from ood_det.errors import OODDetError
+from ood_det.checkpoint import OODCheckpointer
 from ood_det.engine import Trainer, setup
+from ood_det.evaluation.calibration import calibrate
 
 
 def main(args):
     cfg = setup(args)
-    if args.eval_only:
+    if args.eval_only or args.calibrate:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = OODCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if args.calibrate:
+            calibrate(cfg, model)
+            if comm.is_main_process():
+                checkpointer.save("model_calibrated")
+        if not args.eval_only:
+            return None
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
+def build_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="calibrate the OOD thresholds of MODEL.WEIGHTS on DATASETS.OOD_CALIBRATION (validation only) "
+        "and save OUTPUT_DIR/model_calibrated.pth; with --eval-only, evaluate afterwards",
+    )
+    return parser
+
+
 def run(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         launch(
             main,

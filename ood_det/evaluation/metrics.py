@@ -39,6 +39,7 @@ __all__ = [
     "ood_metrics",
     "fpr_at_tpr",
     "threshold_at_tpr",
+    "roc_curve",
     "format_metrics_table",
     "METRIC_KEYS",
 ]
@@ -127,6 +128,32 @@ def _average_precision(pos_counts, neg_counts, num_pos):
     return float(np.dot(pos_counts, precision) / num_pos)
 
 
+def _roc_counts(ids, oods):
+    """One point per distinct score, in decreasing order: (thresholds, #ID >= t, #OOD >= t)."""
+    n, m = ids.size, oods.size
+    scores = np.concatenate([ids, oods])
+    order = np.argsort(-scores)  # decreasing score; order within ties is irrelevant
+    sorted_scores = scores[order]
+    # Last position of each run of tied scores: one ROC / PR point per distinct score.
+    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), n + m - 1)
+    tps = np.cumsum(order < n)[ends]  # ID boxes with score >= the group's score
+    fps = ends + 1 - tps  # OOD boxes with score >= the group's score
+    return sorted_scores[ends], tps, fps
+
+
+def roc_curve(id_scores, ood_scores):
+    """The full ROC curve, ID positive: (fpr, tpr, thresholds), starting at (0, 0).
+
+    Same points as ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``.
+    """
+    ids = _as_scores(id_scores, "id_scores")
+    oods = _as_scores(ood_scores, "ood_scores")
+    thresholds, tps, fps = _roc_counts(ids, oods)
+    fpr = np.concatenate([[0.0], fps / oods.size])
+    tpr = np.concatenate([[0.0], tps / ids.size])
+    return fpr, tpr, np.concatenate([[np.inf], thresholds])
+
+
 def ood_metrics(id_scores, ood_scores):
     """FPR95, AUROC, AUPR-In and AUPR-Out of per-box id-scores.
 
@@ -147,22 +174,14 @@ def ood_metrics(id_scores, ood_scores):
     ids = _as_scores(id_scores, "id_scores")
     oods = _as_scores(ood_scores, "ood_scores")
     n, m = ids.size, oods.size
-
-    scores = np.concatenate([ids, oods])
-    order = np.argsort(-scores)  # decreasing score; order within ties is irrelevant
-    sorted_scores = scores[order]
-    is_id = order < n
-    # Last position of each run of tied scores: one ROC / PR point per distinct score.
-    ends = np.append(np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), n + m - 1)
-    tps = np.cumsum(is_id)[ends]          # ID boxes with score >= the group's score
-    fps = ends + 1 - tps                  # OOD boxes with score >= the group's score
+    thresholds, tps, fps = _roc_counts(ids, oods)
     id_counts = np.diff(tps, prepend=0)   # ID boxes in each group
     ood_counts = np.diff(fps, prepend=0)  # OOD boxes in each group
 
     # FPR at the first point (decreasing threshold) with TPR >= 0.95.
     first = int(np.argmax(tps / n >= 0.95))  # exists: the last point has TPR = 1
     fpr95 = float(fps[first]) / m
-    threshold95 = float(sorted_scores[ends[first]])
+    threshold95 = float(thresholds[first])
 
     # Trapezoids between consecutive points, starting from (0, 0); in integer
     # counts: 2 * area * n * m = sum(d_fp * (tp_prev + tp)). Exact in int64.

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""OpenImages-OOD -> COCO json for ood_det.
+
+Reads, under the dataset root::
+
+    OpenImages/ood_classes_rm_overlap/images/<ImageID>.jpg
+    OpenImages/ood_classes_rm_overlap/COCO-Format/val_coco_format.json   (optional, literature)
+
+and, optionally, OpenImages' own annotation files given on the command line:
+box CSVs (``--annotations-csv``; columns ImageID, Source, LabelName,
+Confidence, XMin, XMax, YMin, YMax, ..., IsGroupOf, ...; coordinates
+normalized to [0, 1]), the class descriptions (``--class-descriptions``;
+``LabelName,DisplayName`` rows) and a list of image ids (``--image-ids``; one
+ImageID per line). Writes ``prepared/openimages_ood_val.json``, registered as
+``openimages_ood_val`` (OOD w.r.t. VOC) and ``openimages_ood_val_bdd`` (w.r.t. BDD100K).
+
+- Images: the ids of ``--image-ids``, else those of the literature's json,
+  else every ``.jpg`` of the images folder. Image id = the OpenImages ImageID
+  (a string, as in the literature's file); sizes come from the image headers.
+- With ``--annotations-csv``: a COCO json with the boxes of those images.
+  Categories are the OpenImages display names present, alphabetical, ids 1..N.
+  Boxes: x = XMin * W, w = XMax * W - XMin * W (same for y); ``IsGroupOf``
+  boxes get ``iscrowd: 1``. ``--drop-overlap voc bdd`` removes the images that
+  hold an in-distribution class.
+- Without it: the literature's json, if present and no ``--image-ids`` is
+  given, is validated and used as-is (its exact bytes); otherwise an
+  images-only json is written, like the literature's.
+- The check reports which in-distribution classes the OpenImages labels show
+  (tables in ``ood_det.data.class_maps``): the literature's set is known to
+  hold some. It needs the box annotations, hence ``--annotations-csv``.
+
+See datasets/README.md, section "OpenImages-OOD".
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+try:
+    import ood_det  # noqa: F401  (before detectron2: compat shims)
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import ood_det  # noqa: F401
+
+from ood_det.data import prepare_common as pc
+from ood_det.data.builtin import REAL_DATASETS, prepared_json
+from ood_det.data.class_maps import TO_OPENIMAGES
+from ood_det.errors import DatasetError
+
+NAME = "openimages_ood_val"
+LITERATURE_JSON = "OpenImages/ood_classes_rm_overlap/COCO-Format/val_coco_format.json"
+LITERATURE_COUNT = 1837
+BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
+
+
+def read_image_ids(path: Path):
+    if not path.is_file():
+        raise DatasetError(f"image id list {path} not found")
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and line != "ImageID":
+            ids.append(line[: -len(".jpg")] if line.endswith(".jpg") else line)
+    if not ids:
+        raise DatasetError(f"{path}: no image id; expected one OpenImages ImageID per line")
+    return sorted(set(ids))
+
+
+def read_class_descriptions(path: Path) -> dict:
+    if path is None:
+        raise DatasetError("--annotations-csv needs --class-descriptions (class-descriptions-boxable.csv)")
+    if not path.is_file():
+        raise DatasetError(f"class descriptions {path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and rows[0][0] == "LabelName":  # the v7 file has a header
+        rows = rows[1:]
+    if any(len(r) < 2 for r in rows):
+        raise DatasetError(f"{path}: expected rows 'LabelName,DisplayName'")
+    return {r[0]: r[1] for r in rows}
+
+
+def read_boxes(csv_files, ids: set) -> list:
+    """The box rows of the images ``ids``, in file order: (ImageID, LabelName, xmin, xmax, ymin, ymax, group)."""
+    rows = []
+    for path in csv_files:
+        if not path.is_file():
+            raise DatasetError(f"annotation CSV {path} not found")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DatasetError(f"{path}: columns {missing} missing; expected an OpenImages box annotation CSV")
+            for row in reader:
+                if row["ImageID"] not in ids:
+                    continue
+                try:
+                    coords = tuple(float(row[c]) for c in ("XMin", "XMax", "YMin", "YMax"))
+                    group = int(row.get("IsGroupOf") or 0) == 1
+                except ValueError:
+                    raise DatasetError(f"{path}, line {reader.line_num}: non-numeric box or IsGroupOf value") from None
+                rows.append((row["ImageID"], row["LabelName"], *coords, group))
+    return rows
+
+
+def images_of(ids, image_dir: Path) -> list:
+    images = []
+    for image_id in ids:
+        width, height = pc.image_size(image_dir / f"{image_id}.jpg")
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})
+    return images
+
+
+def build_with_boxes(images, rows, names: dict, csv_source: str) -> dict:
+    mids = sorted({r[1] for r in rows}, key=lambda m: (names.get(m, ""), m))
+    unknown = [m for m in mids if m not in names]
+    if unknown:
+        raise DatasetError(f"labels {unknown[:5]} are not in the class descriptions file; pass the matching one")
+    cat_id = {m: i + 1 for i, m in enumerate(mids)}
+    cats = [{"id": cat_id[m], "name": names[m], "supercategory": "openimages", "mid": m} for m in mids]
+    size = {im["id"]: (im["width"], im["height"]) for im in images}
+    order = {im["id"]: i for i, im in enumerate(images)}
+    annotations = []
+    for image_id, mid, x0, x1, y0, y1, group in sorted(rows, key=lambda r: order[r[0]]):
+        width, height = size[image_id]
+        x, y, w, h = x0 * width, y0 * height, x1 * width - x0 * width, y1 * height - y0 * height
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_id[mid],
+                "bbox": [x, y, w, h],
+                "area": w * h,
+                "iscrowd": int(group),
+            }
+        )
+    return pc.coco_dict(f"OpenImages-OOD, boxes from {csv_source}", images, annotations, cats)
+
+
+def drop_overlap(coco: dict, id_sets, report) -> dict:
+    dropped = set()
+    for id_set in id_sets:
+        found = pc.id_overlap(coco, TO_OPENIMAGES[id_set])
+        images = set().union(*(f["images"] for f in found.values()))
+        report.say(f"dropping {len(images)} images that hold a {id_set.upper()} class")
+        dropped |= images
+    keep = [im["id"] for im in coco["images"] if im["id"] not in dropped]
+    return pc.subset(coco, keep, coco["info"]["description"] + f", without images of {'/'.join(id_sets)} classes")
+
+
+def prepare(args, report):
+    root = Path(args.root)
+    image_dir = root / REAL_DATASETS[NAME].image_root
+    literature = root / LITERATURE_JSON
+    if args.drop_overlap and not args.annotations_csv:
+        raise DatasetError("--drop-overlap needs the box annotations: pass --annotations-csv and --class-descriptions")
+
+    if args.image_ids:
+        ids, id_source = read_image_ids(Path(args.image_ids)), f"image id list {args.image_ids}"
+    elif literature.is_file():
+        lit = pc.read_json(literature, "literature OpenImages-OOD json")
+        pc.validate_coco(lit, literature)
+        ids, id_source = sorted({Path(im["file_name"]).stem for im in lit["images"]}), f"images of {literature}"
+    elif image_dir.is_dir() and any(image_dir.glob("*.jpg")):
+        ids, id_source = sorted(p.stem for p in image_dir.glob("*.jpg")), f"every .jpg under {image_dir}"
+    else:
+        raise DatasetError(
+            f"no OpenImages-OOD source: neither {literature} nor images under {image_dir}; "
+            "download the literature's set, or pass --image-ids (and --annotations-csv)"
+        )
+
+    if args.annotations_csv:
+        names = read_class_descriptions(Path(args.class_descriptions) if args.class_descriptions else None)
+        csv_files = [Path(p) for p in args.annotations_csv]
+        rows = read_boxes(csv_files, set(ids))
+        coco = build_with_boxes(images_of(ids, image_dir), rows, names, ", ".join(p.name for p in csv_files))
+        if args.drop_overlap:
+            coco = drop_overlap(coco, args.drop_overlap, report)
+        data, origin = pc.coco_bytes(coco), f"{id_source}, boxes from the annotation CSVs"
+    elif not args.image_ids and literature.is_file():
+        coco, data, origin = lit, literature.read_bytes(), f"literature file {literature} (validated, used as-is)"
+    else:
+        coco = pc.coco_dict("OpenImages-OOD images (no boxes)", images_of(ids, image_dir), [], [])
+        data, origin = pc.coco_bytes(coco), f"{id_source}, without boxes"
+
+    report.write(prepared_json(root, NAME), data)
+    report.check(NAME, coco, image_dir)
+    report.say(f"  source: {origin}", f"  literature count: {LITERATURE_COUNT} images")
+    if not coco.get("annotations"):
+        report.say(
+            "  overlap check: the json holds no box annotations, so nothing to check; pass --annotations-csv "
+            "and --class-descriptions to check these images against OpenImages' labels"
+        )
+        return
+    for id_set in ("voc", "bdd"):
+        report.say(*pc.id_overlap_lines(pc.id_overlap(coco, TO_OPENIMAGES[id_set]), id_set.upper()))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Write the OpenImages-OOD set (openimages_ood_val, openimages_ood_val_bdd) from OpenImages "
+        "annotation CSVs / an image id list, or validate the literature's val_coco_format.json "
+        "(datasets/README.md, 'OpenImages-OOD').",
+    )
+    pc.add_root_arg(parser, "OpenImages/ood_classes_rm_overlap/")
+    parser.add_argument("--annotations-csv", nargs="+", help="OpenImages box annotation CSV file(s)")
+    parser.add_argument("--class-descriptions", help="OpenImages class-descriptions-boxable.csv")
+    parser.add_argument("--image-ids", help="text file with one OpenImages ImageID per line")
+    parser.add_argument(
+        "--drop-overlap",
+        nargs="+",
+        choices=("voc", "bdd"),
+        default=[],
+        help="remove the images whose boxes show a class of these in-distribution sets (needs --annotations-csv)",
+    )
+    return parser
+
+
+def main(argv=None, out=None) -> int:
+    return pc.run_script(build_parser(), prepare, argv, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Shared machinery of the dataset preparation scripts (``datasets/prepare_*.py``).
+
+The scripts convert each benchmark's original annotations into COCO json files
+under ``<dataset root>/prepared/`` (see ``ood_det.data.builtin``). What they
+share lives here: the calibration-split rule, COCO json serialization, atomic
+and idempotent writes, structural validation, and the closing check (counts
+per class, in-distribution classes left in an OOD set).
+
+Calibration split rule (used for VOC and BDD100K): an image belongs to the
+calibration split iff the first 8 bytes of SHA-256 of ``"<seed>/<key>"``, read
+as a big-endian integer, are below ``fraction * 2**64``; ``key`` is the image's
+``file_name`` in the prepared json. Membership depends on the image alone, not
+on the order or number of the other images, so the split is stable when the
+source lists change and can be recomputed by anyone from the file names.
+"""
+import hashlib
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from ..errors import DatasetError
+from ..utils import atomic_write
+from .class_maps import overlap_names
+
+CALIBRATION_FRACTION = 0.05
+CALIBRATION_SEED = 0
+
+
+# ---------------------------------------------------------------- splits and json
+def in_calibration_split(key: str, fraction: float = CALIBRATION_FRACTION, seed: int = CALIBRATION_SEED) -> bool:
+    """The seeded, order-independent calibration rule of the module docstring."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def check_fraction(fraction: float) -> float:
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"--calib-fraction must lie strictly between 0 and 1, got {fraction}")
+    return fraction
+
+
+def categories(names) -> list:
+    """COCO categories with ids 1..K in the order of ``names``."""
+    return [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(names)]
+
+
+def coco_dict(description: str, images, annotations, cats) -> dict:
+    # pycocotools' loadRes copies "info" in some versions: always write it.
+    return {
+        "info": {"description": description},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": cats,
+    }
+
+
+def subset(coco: dict, image_ids, description: str) -> dict:
+    """The images of ``coco`` whose id is in ``image_ids``, with their annotations (renumbered)."""
+    keep = set(image_ids)
+    images = [im for im in coco["images"] if im["id"] in keep]
+    anns = [dict(a, id=i + 1) for i, a in enumerate(a for a in coco["annotations"] if a["image_id"] in keep)]
+    return coco_dict(description, images, anns, coco["categories"])
+
+
+def coco_bytes(coco: dict) -> bytes:
+    """Deterministic serialization: same content, same bytes."""
+    return json.dumps(coco, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+# ---------------------------------------------------------------- files
+def write_atomic(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` unless it already holds these bytes. Returns whether it wrote.
+
+    The bytes go to a temporary file in the same folder that replaces ``path``
+    in one step, so readers never see a half-written file.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    try:
+        atomic_write(path, lambda f: f.write(data), binary=True)
+    except OSError as e:
+        raise DatasetError(f"cannot write {path} ({e.strerror}); check that its folder is writable and has space") from None
+    return True
+
+
+def read_json(path: Path, what: str):
+    """Parse a json file; a missing or malformed file raises a DatasetError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: expected {path}")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read {what} ({e}); download it again") from None
+
+
+def image_size(path: Path):
+    """(width, height) read from an image file's header."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} not found; put the dataset's images there") from None
+    except OSError as e:
+        raise DatasetError(f"image {path} cannot be read ({e}); download it again") from None
+
+
+def validate_coco(coco, path) -> None:
+    """Structural checks of a COCO detection json; raises DatasetError naming ``path`` and the key."""
+
+    def bad(msg):
+        raise DatasetError(f"{path}: {msg}; it is not a COCO detection json as expected, re-create or re-download it")
+
+    if not isinstance(coco, dict):
+        bad("top level is not an object")
+    for key in ("images", "categories"):
+        if not isinstance(coco.get(key), list):
+            bad(f"key {key!r} missing or not a list")
+    anns = coco.get("annotations", [])
+    if not isinstance(anns, list):
+        bad("key 'annotations' is not a list")
+    image_ids = set()
+    for im in coco["images"]:
+        for key in ("id", "file_name", "width", "height"):
+            if key not in im:
+                bad(f"an entry of 'images' has no {key!r}: {im}")
+        if im["id"] in image_ids:
+            bad(f"image id {im['id']!r} appears twice in 'images'")
+        image_ids.add(im["id"])
+    cat_ids = {c.get("id") for c in coco["categories"]}
+    ann_ids = set()
+    for a in anns:
+        for key in ("id", "image_id", "category_id", "bbox"):
+            if key not in a:
+                bad(f"an entry of 'annotations' has no {key!r}: {a}")
+        if a["id"] in ann_ids:
+            bad(f"annotation id {a['id']!r} appears twice")
+        ann_ids.add(a["id"])
+        if a["image_id"] not in image_ids:
+            bad(f"annotation {a['id']!r} refers to image {a['image_id']!r}, absent from 'images'")
+        if a["category_id"] not in cat_ids:
+            bad(f"annotation {a['id']!r} has category_id {a['category_id']!r}, absent from 'categories'")
+        if len(a["bbox"]) != 4 or a["bbox"][2] < 0 or a["bbox"][3] < 0:
+            bad(f"annotation {a['id']!r} has an invalid bbox {a['bbox']!r}")
+
+
+# ---------------------------------------------------------------- checks
+def class_count_lines(coco: dict) -> list:
+    """Boxes (of which iscrowd) and images per category, in category-id order."""
+    boxes, crowd, images = Counter(), Counter(), defaultdict(set)
+    for a in coco.get("annotations", []):
+        boxes[a["category_id"]] += 1
+        crowd[a["category_id"]] += int(a.get("iscrowd", 0))
+        images[a["category_id"]].add(a["image_id"])
+    width = max([len(c["name"]) for c in coco["categories"]] + [5])
+    lines = [f"    {'id':>3}  {'class':<{width}}  {'boxes':>8}  {'iscrowd':>7}  {'images':>7}"]
+    for c in sorted(coco["categories"], key=lambda c: c["id"]):
+        if boxes[c["id"]] or len(coco["categories"]) <= 40:
+            lines.append(
+                f"    {c['id']:>3}  {c['name']:<{width}}  {boxes[c['id']]:>8}  "
+                f"{crowd[c['id']]:>7}  {len(images[c['id']]):>7}"
+            )
+    n_anns = len(coco.get("annotations", []))
+    n_crowd = sum(crowd.values())
+    head = f"  {len(coco['images'])} images, {n_anns} boxes ({n_crowd} iscrowd: ignored by COCO evaluation)"
+    return [head] + (lines if n_anns else ["  no box annotations"])
+
+
+def id_overlap(coco: dict, table) -> dict:
+    """In-distribution classes present in ``coco``, found through an overlap table.
+
+    Returns {ID class: {"boxes": n, "images": set of image ids}} for the ID
+    classes of ``table`` (see ``class_maps``) that some annotation denotes.
+    """
+    by_name = overlap_names(table)
+    cat_to_id = {c["id"]: by_name.get(str(c["name"]).lower(), []) for c in coco["categories"]}
+    found = {}
+    for a in coco.get("annotations", []):
+        for id_class in cat_to_id.get(a["category_id"], []):
+            entry = found.setdefault(id_class, {"boxes": 0, "images": set()})
+            entry["boxes"] += 1
+            entry["images"].add(a["image_id"])
+    return found
+
+
+def id_overlap_lines(found: dict, id_set: str) -> list:
+    if not found:
+        return [f"  in-distribution classes surviving (w.r.t. {id_set}): none"]
+    images = set().union(*(f["images"] for f in found.values()))
+    lines = [f"  in-distribution classes surviving (w.r.t. {id_set}): {len(images)} images hold one:"]
+    for id_class, f in sorted(found.items()):
+        lines.append(f"    {id_class}: {f['boxes']} boxes in {len(f['images'])} images")
+    return lines
+
+
+def missing_images_line(coco: dict, image_root: Path):
+    """A line saying whether every image file of ``coco`` is under ``image_root``."""
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        return f"  images: folder {image_root} not found (needed before training/evaluation)"
+    missing = [im["file_name"] for im in coco["images"] if not (image_root / im["file_name"]).is_file()]
+    if not missing:
+        return f"  images: all {len(coco['images'])} files present under {image_root}"
+    return f"  images: {len(missing)} of {len(coco['images'])} files missing under {image_root}, e.g. {missing[0]}"
+
+
+# ---------------------------------------------------------------- script runner
+def add_root_arg(parser, holds: str):
+    from .synthetic import datasets_root
+
+    parser.add_argument(
+        "--root",
+        default=str(datasets_root()),
+        help=f"dataset root holding {holds}; outputs go to <root>/prepared/ "
+        "(default: $DETECTRON2_DATASETS, else ./datasets)",
+    )
+
+
+def add_calibration_args(parser, split_name: str):
+    parser.add_argument(
+        "--calib-fraction",
+        type=float,
+        default=CALIBRATION_FRACTION,
+        help=f"share of the training images moved to the calibration split {split_name} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--calib-seed", type=int, default=CALIBRATION_SEED, help="seed of the calibration split (default: %(default)s)"
+    )
+
+
+class Report:
+    """The scripts' report, printed as it goes."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.written = []
+        self.unchanged = []
+
+    def say(self, *lines):
+        for line in lines:
+            print(line, file=self.out, flush=True)
+
+    def write(self, path: Path, data: bytes):
+        if write_atomic(path, data):
+            self.written.append(path)
+            self.say(f"written: {path}")
+        else:
+            self.unchanged.append(path)
+            self.say(f"unchanged (identical bytes): {path}")
+
+    def check(self, name: str, coco: dict, image_root=None):
+        self.say(f"[check] {name}", *class_count_lines(coco))
+        if image_root is not None:
+            self.say(missing_images_line(coco, image_root))
+
+    def finish(self):
+        if self.unchanged and not self.written:
+            self.say("nothing changed: every output already held these bytes")
+
+
+def run_script(parser, prepare, argv=None, out=None) -> int:
+    """Parse ``argv``, run ``prepare(args, report)``; a DatasetError becomes one line and exit 2."""
+    args = parser.parse_args(argv)
+    report = Report(out)
+    try:
+        prepare(args, report)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    report.finish()
+    return 0

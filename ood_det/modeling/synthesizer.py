@@ -1,0 +1,426 @@
+"""Virtual outlier synthesis in feature space (VOS, Du et al. 2022), drawn exactly.
+
+VOS fits one Gaussian per class (class mean, shared covariance Sigma) to queued
+box-head features, draws N candidates per class and keeps the S of lowest
+density. With Sigma = L L^T a candidate ``mu + L e`` (e ~ N(0, I_D)) has
+squared Mahalanobis distance ``|e|^2`` and density decreasing in ``|e|``, so
+the S kept candidates are ``mu + L (r_j u_j)``: ``r_1 > ... > r_S`` the S
+largest of N i.i.d. chi(D) radii and ``u_j`` independent uniform unit
+directions (the direction of a standard Gaussian is uniform and independent of
+its norm). :class:`VirtualOutlierSynthesizer` draws exactly that: one Cholesky
+factorization, O(D^3), plus O(K S D) per draw, instead of O(K N D^2).
+
+The order statistics come from the chi-squared CDF F: the largest of N draws
+has CDF F^N, so ``F(r_1^2) = U_1^(1/N)``; given it, the other N - 1 are i.i.d.
+below it, hence ``F(r_{j+1}^2) = F(r_j^2) U_{j+1}^(1/(N-j))``. F is inverted
+with :func:`chi2_isf` on the upper tail (where the precision is).
+
+Shape shorthand:
+    K: number of in-distribution classes
+    Q: queue size per class
+    D: feature size
+    S: outliers kept per class
+    B: features in one enqueue call
+"""
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributions import MultivariateNormal
+
+logger = logging.getLogger(__name__)
+
+
+def chi2_isf(q: torch.Tensor, dof: int, max_iter: int = 60, rtol: float = 1e-12) -> torch.Tensor:
+    """
+    Inverse survival function of the chi-squared distribution: x with P(X > x) = q.
+
+    Safeguarded Newton on ``log tail(x) - log tail_target`` in float64, on the upper
+    tail ``Q(dof/2, x/2)`` (``torch.special.gammaincc``) where q <= 1/2 and on the
+    lower tail ``P(dof/2, x/2)`` (``gammainc``, Newton in log x) elsewhere, for precision;
+    the iterate stays inside a bracket from the Laurent-Massart tail bounds and
+    falls back to bisection when a Newton step would leave it.
+
+    Args:
+        q: (...) upper-tail probabilities in (0, 1].
+        dof: degrees of freedom (>= 1).
+
+    Returns:
+        (...) float64 quantiles, >= 0.
+    """
+    q = q.to(torch.float64).clamp(min=torch.finfo(torch.float64).tiny, max=1.0)
+    a = torch.tensor(dof / 2.0, dtype=torch.float64, device=q.device)
+    upper = q <= 0.5
+    log_target = torch.where(upper, q, 1.0 - q).log()
+    lo, hi = _chi2_bracket(q, dof)
+    x = _wilson_hilferty(q, dof).clamp(min=lo, max=hi)
+    log_norm = a * math.log(2.0) + torch.lgamma(a)
+    for _ in range(max_iter):
+        tail = torch.where(upper, torch.special.gammaincc(a, x / 2), torch.special.gammainc(a, x / 2))
+        h = tail.log() - log_target
+        left = torch.where(upper, h > 0, h < 0)  # x is left of the root
+        right = torch.where(upper, h < 0, h > 0)
+        lo, hi = torch.where(left, x, lo), torch.where(right, x, hi)
+        log_pdf = (a - 1) * x.log() - x / 2 - log_norm
+        step = h * (tail.log() - log_pdf).exp()  # h / |d/dx log tail|
+        # Newton in x for the upper tail (log Q ~ -x/2), in log x for the lower one (log P ~ a log x)
+        x_new = torch.where(upper, x + step, x * torch.exp(-step / x))
+        bad = ~torch.isfinite(x_new) | (x_new < lo) | (x_new > hi)
+        x_new = torch.where(bad, (lo + hi) / 2, x_new)
+        done = bool(((x_new - x).abs() <= rtol * x_new.abs()).all())
+        x = x_new
+        if done:
+            break
+    return x
+
+
+def _chi2_bracket(q: torch.Tensor, dof: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Bounds lo <= x <= hi of ``chi2_isf(q)``, from the Laurent-Massart inequalities
+    P(X >= d + 2 sqrt(d t) + 2t) <= e^-t and P(X <= d - 2 sqrt(d t)) <= e^-t.
+    """
+    t_hi, t_lo = -q.log(), -torch.log1p(-q)
+    hi = dof + 2 * torch.sqrt(dof * t_hi) + 2 * t_hi
+    lo = (dof - 2 * torch.sqrt(dof * t_lo)).clamp(min=0.0)
+    return lo, hi
+
+
+def _wilson_hilferty(q: torch.Tensor, dof: int) -> torch.Tensor:
+    """Wilson-Hilferty approximation of ``chi2_isf(q)``: the Newton starting point."""
+    z = -torch.special.ndtri(q)
+    c = 2.0 / (9.0 * dof)
+    return dof * (1 - c + z * math.sqrt(c)).clamp(min=0.0) ** 3
+
+
+def top_chi_radii(
+    num_candidates: int,
+    num_samples: int,
+    dim: int,
+    batch: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """
+    The ``num_samples`` largest of ``num_candidates`` i.i.d. chi(dim) variables, drawn
+    exactly (O(batch * num_samples), independent of num_candidates), for ``batch``
+    independent groups.
+
+    Returns:
+        (batch, num_samples) float64 radii, each row in decreasing order.
+    """
+    u = 1.0 - torch.rand(batch, num_samples, dtype=torch.float64, generator=generator, device=device)
+    remaining = num_candidates - torch.arange(num_samples, dtype=torch.float64, device=u.device)
+    log_cdf = torch.cumsum(u.log() / remaining, dim=1)  # log F(r_j^2)
+    return chi2_isf(-torch.expm1(log_cdf), dim).sqrt()
+
+
+def random_unit_vectors(
+    shape: Tuple[int, ...],
+    dim: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """(*shape, dim) independent directions, uniform on the unit sphere."""
+    g = torch.randn(*shape, dim, generator=generator, device=device, dtype=dtype)
+    return g / g.norm(dim=-1, keepdim=True)
+
+
+def brute_force_sample(
+    means: torch.Tensor,
+    covariance: torch.Tensor,
+    num_candidates: int,
+    num_samples: int,
+    max_elements: int = 2**26,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    VOS's reference procedure, for tests and benchmarks: per class, draw
+    ``num_candidates`` samples of ``MultivariateNormal(mean_k, covariance)`` and keep
+    the ``num_samples`` of lowest density. Uses the global RNG. O(K N D^2).
+
+    Args:
+        means: (K, D) class means.
+        covariance: (D, D) shared covariance (factorized once).
+        max_elements: classes are processed in chunks of at most this many candidate values.
+
+    Returns:
+        (K*S, D) samples (per class, least likely first) and (K*S,) int64 class ids.
+    """
+    scale_tril = torch.linalg.cholesky(covariance)
+    chunk = max(1, max_elements // (num_candidates * means.shape[1]))
+    kept = [_least_likely(means[i : i + chunk], scale_tril, num_candidates, num_samples)
+            for i in range(0, len(means), chunk)]
+    labels = torch.arange(len(means), device=means.device).repeat_interleave(num_samples)
+    return torch.cat(kept).flatten(0, 1), labels
+
+
+def _least_likely(means, scale_tril, num_candidates, num_samples):
+    """(C, D) means -> (C, S, D): the S of lowest density among N candidates per class."""
+    gaussian = MultivariateNormal(means, scale_tril=scale_tril)
+    candidates = gaussian.sample((num_candidates,))  # (N, C, D)
+    index = gaussian.log_prob(candidates).topk(num_samples, dim=0, largest=False).indices  # (S, C)
+    kept = candidates.gather(0, index[..., None].expand(-1, -1, means.shape[1]))
+    return kept.transpose(0, 1)
+
+
+def all_gather_features(features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Concatenate (features, labels) of all processes, rank 0 first; every process
+    must call it. Sizes may differ per process: inputs are padded to the largest,
+    padding is dropped again.
+
+    Args:
+        features: (B, D) on this process.
+        labels: (B,) int64, all >= 0.
+
+    Returns:
+        (sum of B, D) features and (sum of B,) labels, the same on every process.
+    """
+    world = dist.get_world_size()
+    size = torch.tensor([labels.numel()], device=labels.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    max_size = int(max(s.item() for s in sizes))
+    if max_size == 0:
+        return features, labels
+    padded_f = features.new_zeros(max_size, features.shape[1])
+    padded_f[: len(features)] = features
+    padded_l = labels.new_full((max_size,), -1)  # -1 marks padding
+    padded_l[: len(labels)] = labels
+    all_f = [torch.empty_like(padded_f) for _ in range(world)]
+    all_l = [torch.empty_like(padded_l) for _ in range(world)]
+    dist.all_gather(all_f, padded_f)
+    dist.all_gather(all_l, padded_l)
+    all_f, all_l = torch.cat(all_f), torch.cat(all_l)
+    real = all_l >= 0
+    return all_f[real], all_l[real]
+
+
+def _require(ok: bool, key: str, value, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {what}, got {value}")
+
+
+class VirtualOutlierSynthesizer(nn.Module):
+    """
+    Per-class FIFO queues of box-head features and exact "least likely of N" outliers.
+
+    Buffers (saved in checkpoints, follow ``.to(device)``):
+        ``queue`` (K, Q, D), ``queue_count`` (K,) features held per class,
+        ``queue_ptr`` (K,) next slot written per class.
+
+    Covariance upkeep: the pooled within-class covariance only needs the per-class
+    sums (K, D) and ONE total sum of outer products (D, D), kept in float64 and
+    updated on every enqueue (add the new features, subtract the ones they
+    evict): O(B D^2) per enqueue, instead of O(K Q D^2) to recompute from the
+    queues each iteration. They are non-persistent buffers, recomputed exactly from
+    the queues after ``load_state_dict`` and after a dtype cast of the module
+    (they stay float64, which keeps the drift of add / subtract negligible).
+
+    Args:
+        num_classes: K (``MODEL.ROI_HEADS.NUM_CLASSES``).
+        feature_dim: D, the box-head feature size.
+        queue_size: Q (``MODEL.OOD.QUEUE_SIZE``).
+        start_iter: first iteration that samples (``MODEL.OOD.START_ITER``).
+        num_candidates: N (``MODEL.OOD.NUM_CANDIDATES``).
+        num_samples: S <= N (``MODEL.OOD.NUM_SAMPLES``).
+        cov_eps: eps added to the covariance diagonal (``MODEL.OOD.COV_EPS``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        *,
+        queue_size: int,
+        start_iter: int,
+        num_candidates: int = 10000,
+        num_samples: int = 1,
+        cov_eps: float = 1e-4,
+    ):
+        super().__init__()
+        _require(num_classes >= 1, "MODEL.ROI_HEADS.NUM_CLASSES", num_classes, ">= 1")
+        _require(feature_dim >= 1, "feature_dim (box head output size)", feature_dim, ">= 1")
+        _require(queue_size >= 1, "MODEL.OOD.QUEUE_SIZE", queue_size, ">= 1")
+        _require(start_iter >= 0, "MODEL.OOD.START_ITER", start_iter, ">= 0")
+        _require(num_candidates >= 1, "MODEL.OOD.NUM_CANDIDATES", num_candidates, ">= 1")
+        _require(1 <= num_samples <= num_candidates, "MODEL.OOD.NUM_SAMPLES", num_samples,
+                 f"in [1, MODEL.OOD.NUM_CANDIDATES={num_candidates}]")
+        _require(cov_eps >= 0, "MODEL.OOD.COV_EPS", cov_eps, ">= 0")
+        self.num_classes, self.feature_dim, self.queue_size = num_classes, feature_dim, queue_size
+        self.start_iter, self.num_candidates, self.num_samples = start_iter, num_candidates, num_samples
+        self.cov_eps = cov_eps
+        self.register_buffer("queue", torch.zeros(num_classes, queue_size, feature_dim))
+        self.register_buffer("queue_count", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(num_classes, dtype=torch.long))
+        f64 = torch.float64
+        self.register_buffer("_sum", torch.zeros(num_classes, feature_dim, dtype=f64), persistent=False)
+        self.register_buffer("_outer", torch.zeros(feature_dim, feature_dim, dtype=f64), persistent=False)
+        self._stats_stale = False
+        self._gaussian_cache = None  # (means, Cholesky factor) until the queues change
+        self._announced = False
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
+                f"queue_size={self.queue_size}, start_iter={self.start_iter}, "
+                f"num_candidates={self.num_candidates}, num_samples={self.num_samples}, "
+                f"cov_eps={self.cov_eps}")
+
+    # ---- queues ----
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """
+        Append features to their class queues, evicting the oldest when full.
+        Under torch.distributed, the features of all processes are gathered first
+        (rank order), so every process holds the same queues; every process must
+        then call ``enqueue`` at the same step, even with B = 0.
+
+        Args:
+            features: (B, D), detached here.
+            labels: (B,) class of each feature; labels outside [0, K) (background,
+                ignore) are dropped.
+        """
+        valid = (labels >= 0) & (labels < self.num_classes)
+        features = features.detach()[valid].to(self.queue.dtype)
+        labels = labels[valid].long()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            features, labels = all_gather_features(features, labels)
+        if labels.numel() > 0:
+            self._write(features, labels)
+
+    def _write(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self._gaussian_cache = None
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        rank = _rank_within_class(labels, counts)
+        skip = (counts - self.queue_size).clamp(min=0)[labels]  # only the last Q of a class fit
+        keep = rank >= skip
+        features, labels, rank = features[keep], labels[keep], (rank - skip)[keep]
+        slots = (self.queue_ptr[labels] + rank) % self.queue_size
+        evicted = slots < self.queue_count[labels]
+        old = self.queue[labels[evicted], slots[evicted]]
+        self._update_stats(features, labels, old, labels[evicted])
+        self.queue[labels, slots] = features
+        added = counts.clamp(max=self.queue_size)
+        self.queue_ptr.add_(added).remainder_(self.queue_size)
+        self.queue_count.add_(added).clamp_(max=self.queue_size)
+
+    def _update_stats(self, new, new_labels, old, old_labels) -> None:
+        if self._stats_stale:
+            return  # recomputed from the queues when next needed
+        new, old = new.double(), old.double()
+        self._sum.index_add_(0, new_labels, new).index_add_(0, old_labels, old, alpha=-1.0)
+        self._outer.addmm_(new.t(), new).addmm_(old.t(), old, alpha=-1.0)
+
+    def _refresh_stats(self) -> None:
+        """Recompute the running sums exactly from the queues."""
+        self._sum.zero_()
+        self._outer.zero_()
+        for k in range(self.num_classes):
+            x = self.queue[k, : int(self.queue_count[k])].double()
+            self._sum[k] = x.sum(dim=0)
+            self._outer.addmm_(x.t(), x)
+        self._stats_stale = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "queue"
+        if key in state_dict and state_dict[key].shape != self.queue.shape:
+            error_msgs.append(
+                f"{key}: checkpoint queues have shape (K, Q, D) = {tuple(state_dict[key].shape)}, "
+                f"this model {tuple(self.queue.shape)}: MODEL.ROI_HEADS.NUM_CLASSES, "
+                "MODEL.OOD.QUEUE_SIZE or the box head feature size differ from the checkpoint's")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._stats_stale = True
+        self._gaussian_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._gaussian_cache = None
+        if self._sum.dtype != torch.float64:  # e.g. .half(): rebuild the sums in float64
+            self._sum, self._outer = self._sum.double(), self._outer.double()
+            self._stats_stale = True
+        return self
+
+    def is_full(self) -> bool:
+        """Whether every class queue holds Q features."""
+        return bool((self.queue_count >= self.queue_size).all())
+
+    def ready(self, iteration: int) -> bool:
+        """Whether to synthesize at ``iteration``: every queue full and iteration >= start_iter."""
+        ok = iteration >= self.start_iter and self.is_full()
+        if ok and not self._announced:
+            logger.info("Virtual outlier synthesis starts at iteration %d.", iteration)
+            self._announced = True
+        return ok
+
+    # ---- Gaussian fit ----
+    def class_means(self) -> torch.Tensor:
+        """(K, D) float64 means of the queued features of each class (every queue non-empty)."""
+        if bool((self.queue_count == 0).any()):
+            raise RuntimeError("a class queue is empty: no class mean yet")
+        if self._stats_stale:
+            self._refresh_stats()
+        return self._sum / self.queue_count[:, None].double()
+
+    def covariance(self) -> torch.Tensor:
+        """(D, D) float64 shared covariance: pooled within-class scatter / count, + cov_eps * I."""
+        means = self.class_means()
+        scatter = self._outer - (self._sum.t() @ means)  # sum_k n_k mu_k mu_k^T = S^T mu
+        cov = (scatter + scatter.t()) / (2.0 * float(self.queue_count.sum()))
+        return cov + self.cov_eps * torch.eye(self.feature_dim, dtype=cov.dtype, device=cov.device)
+
+    def _gaussian(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K, D) means and (D, D) Cholesky factor of the covariance, cached until the queues change."""
+        if self._gaussian_cache is None:
+            factor, info = torch.linalg.cholesky_ex(self.covariance())
+            if int(info) != 0:
+                raise RuntimeError(
+                    "the shared feature covariance is not positive definite; raise MODEL.OOD.COV_EPS "
+                    f"(now {self.cov_eps})")
+            self._gaussian_cache = (self.class_means(), factor)
+        return self._gaussian_cache
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Draw S virtual outliers per class: exactly the S least likely of N samples
+        of N(mu_k, Sigma). Needs every queue full.
+
+        Args:
+            generator: RNG on the queue's device; None = global RNG.
+
+        Returns:
+            (K*S, D) outlier features (queue dtype, class by class, least likely first)
+            and (K*S,) int64 class ids.
+        """
+        if not self.is_full():
+            raise RuntimeError("VirtualOutlierSynthesizer.sample needs every class queue full")
+        K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
+        means, factor = self._gaussian()
+        radii = top_chi_radii(self.num_candidates, S, D, K, generator, device)  # (K, S)
+        steps = radii[..., None] * random_unit_vectors((K, S), D, generator, device)
+        outliers = means[:, None, :] + steps @ factor.t()
+        labels = torch.arange(K, device=device).repeat_interleave(S)
+        return outliers.reshape(K * S, D).to(self.queue.dtype), labels
+
+    def sample_if_ready(self, iteration: int, generator: Optional[torch.Generator] = None):
+        """:meth:`sample` when :meth:`ready`, else empty (0, D) features and (0,) labels."""
+        if self.ready(iteration):
+            return self.sample(generator)
+        device = self.queue.device
+        empty = torch.zeros(0, self.feature_dim, dtype=self.queue.dtype, device=device)
+        return empty, torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _rank_within_class(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B,) position of each label among the equal labels before it (0 for the first)."""
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    return rank

@@ -1,0 +1,219 @@
+"""EnergyCFLROIHeads / EnergyCFLOutputLayers on CPU, in the style of detectron2's tests/modeling."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ood_det import add_ood_config
+from ood_det.modeling.roi_heads import EnergyCFLOutputLayers, EnergyCFLROIHeads
+from ood_det.modeling.scores import energy_from_class_logits
+
+LOSS_KEYS = {"loss_cls", "loss_box_reg", "loss_cfl", "loss_energy", "loss_rep_out"}
+NUM_CLASSES = 3
+
+
+def _cfg(**ood):
+    cfg = get_cfg()
+    add_ood_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.ROI_HEADS.NAME = "EnergyCFLROIHeads"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 16
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
+    cfg.MODEL.OOD.QUEUE_SIZE = 4
+    cfg.MODEL.OOD.START_ITER = 2
+    cfg.MODEL.OOD.NUM_CANDIDATES = 50
+    cfg.MODEL.OOD.EMBED_DIM = 8
+    for k, v in ood.items():
+        setattr(cfg.MODEL.OOD, k, v)
+    return cfg
+
+
+def _inputs(num_images=2, with_gt=True, seed=0):
+    torch.manual_seed(seed)
+    features = {"res4": torch.rand(num_images, 8, 16, 16)}
+    shapes = {"res4": ShapeSpec(channels=8, stride=16)}
+    proposals, targets = [], []
+    for i in range(num_images):
+        gt_boxes = torch.tensor([[10.0, 10.0, 100.0, 120.0], [120.0, 90.0, 200.0, 250.0]])
+        prop_boxes = torch.cat([gt_boxes + torch.randn(2, 4) * 3 for _ in range(8)] + [torch.tensor([[0.0, 0, 40, 40]])])
+        p = Instances((256, 256))
+        p.proposal_boxes = Boxes(prop_boxes if with_gt else prop_boxes[:0])
+        p.objectness_logits = torch.ones(len(p.proposal_boxes))
+        t = Instances((256, 256))
+        t.gt_boxes = Boxes(gt_boxes if with_gt else gt_boxes[:0])
+        t.gt_classes = torch.tensor([i % NUM_CLASSES, (i + 1) % NUM_CLASSES])[: len(t.gt_boxes)]
+        proposals.append(p)
+        targets.append(t)
+    return features, shapes, proposals, targets
+
+
+def _build(cfg, shapes):
+    heads = build_roi_heads(cfg, shapes)
+    assert isinstance(heads, EnergyCFLROIHeads)
+    assert isinstance(heads.box_predictor, EnergyCFLOutputLayers)
+    return heads
+
+
+def _train_step(heads, features, proposals, targets, iteration):
+    heads.train()
+    with EventStorage(iteration):
+        _, losses = heads(None, features, [p for p in proposals], targets)
+    return losses
+
+
+def test_training_returns_five_finite_losses_and_backward_works():
+    cfg = _cfg()
+    features, shapes, proposals, targets = _inputs()
+    heads = _build(cfg, shapes)
+    losses = _train_step(heads, features, proposals, targets, 0)
+    assert set(losses) == LOSS_KEYS
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert heads.box_predictor.centers.grad is not None
+
+
+def test_outlier_losses_are_zero_but_in_graph_until_synthesis_starts():
+    cfg = _cfg(START_ITER=3)
+    features, shapes, proposals, targets = _inputs()
+    heads = _build(cfg, shapes)
+    losses = _train_step(heads, features, proposals, targets, 0)
+    for key in ("loss_energy", "loss_rep_out"):
+        assert losses[key].item() == 0.0 and losses[key].requires_grad
+    assert losses["loss_cfl"].item() > 0
+    # The queues (4 per class) are full after this step for classes 0, 1, 2 (2 images x 8 proposals).
+    _train_step(heads, features, proposals, targets, 1)
+    assert heads.box_predictor.synthesizer.is_full()
+    losses = _train_step(heads, features, proposals, targets, 3)
+    assert losses["loss_energy"].item() > 0
+    assert torch.isfinite(losses["loss_rep_out"])
+    sum(losses.values()).backward()
+    assert heads.box_predictor.energy_logistic.linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode, zero", [("vanilla", OOD := ("loss_cfl", "loss_energy", "loss_rep_out")), ("vos", ("loss_cfl", "loss_rep_out"))])
+def test_modes_switch_losses_off(mode, zero):
+    cfg = _cfg(MODE=mode, SCORE="energy", START_ITER=0)
+    features, shapes, proposals, targets = _inputs()
+    heads = _build(cfg, shapes)
+    for it in range(3):
+        losses = _train_step(heads, features, proposals, targets, it)
+    assert set(losses) == LOSS_KEYS
+    for key in zero:
+        assert losses[key].item() == 0.0 and losses[key].requires_grad
+    if mode == "vos":
+        assert losses["loss_energy"].item() > 0
+    sum(losses.values()).backward()  # disabled losses keep their parameters in the graph
+    assert heads.box_predictor.embed[0].weight.grad is not None
+
+
+def test_empty_batch_gives_zero_losses_that_backpropagate():
+    cfg = _cfg(START_ITER=0)
+    features, shapes, proposals, targets = _inputs(with_gt=False)
+    heads = _build(cfg, shapes)
+    losses = _train_step(heads, features, proposals, targets, 5)
+    assert set(losses) == LOSS_KEYS
+    for key in ("loss_box_reg", "loss_cfl", "loss_energy", "loss_rep_out"):
+        assert losses[key].item() == 0.0
+    sum(losses.values()).backward()
+
+
+def test_inference_adds_ood_fields_and_handles_no_proposals():
+    cfg = _cfg()
+    features, shapes, proposals, _ = _inputs()
+    heads = _build(cfg, shapes).eval()
+    empty = Instances((256, 256))
+    empty.proposal_boxes = Boxes(torch.zeros(0, 4))
+    empty.objectness_logits = torch.zeros(0)
+    with torch.no_grad():
+        results, _ = heads(None, features, [proposals[0], empty])
+    for r in results:
+        for field in ("pred_boxes", "scores", "pred_classes", "energy", "rep_scores", "ood_scores", "is_ood"):
+            assert r.has(field)
+    assert len(results[1]) == 0
+    assert len(results[0]) > 0
+    assert not results[0].is_ood.any()  # not calibrated yet
+    # Uncalibrated combined score: -(-energy + rep_score).
+    torch.testing.assert_close(results[0].ood_scores, results[0].energy - results[0].rep_scores)
+
+
+def _predictor(**kwargs):
+    args = dict(
+        input_shape=ShapeSpec(channels=6),
+        box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
+        num_classes=NUM_CLASSES,
+        test_score_thresh=0.01,
+        test_nms_thresh=0.5,
+        test_topk_per_image=100,
+        mode="vanilla",
+        score_mode="energy",
+        embed_dim=4,
+    )
+    args.update(kwargs)
+    return EnergyCFLOutputLayers(**args).eval()
+
+
+def test_ood_fields_stay_aligned_with_boxes_through_nms_and_non_finite_drops():
+    torch.manual_seed(0)
+    pred = _predictor()
+    # Proposal 0 has a non-finite logit (detectron2 drops it before NMS, shifting every
+    # index after it); proposals 1-3 overlap, so NMS keeps only the best; 4-5 are apart.
+    boxes = torch.tensor(
+        [[0, 0, 20, 20], [10, 10, 50, 50], [11, 11, 51, 51], [12, 10, 52, 50], [100, 100, 140, 150], [60, 150, 90, 200]],
+        dtype=torch.float32,
+    )
+    logits = torch.randn(6, NUM_CLASSES + 1) * 3
+    logits[0, 1] = float("nan")
+    logits[2, 0] = 9.0  # the NMS winner among 1-3 is not the first of them
+    features = torch.randn(6, 6)
+    deltas = torch.zeros(6, 4 * NUM_CLASSES)  # predicted boxes = proposal boxes
+    props = Instances((256, 256))
+    props.proposal_boxes = Boxes(boxes)
+    (result,), (kept,) = pred.inference((logits, deltas, features), [props])
+    assert len(result) > 0
+    assert not any(torch.equal(b, boxes[0]) for b in result.pred_boxes.tensor)
+    for box, e, rep in zip(result.pred_boxes.tensor, result.energy, result.rep_scores):
+        src = [i for i in range(6) if torch.equal(boxes[i], box)]
+        assert len(src) == 1
+        torch.testing.assert_close(e, energy_from_class_logits(logits[src[0] : src[0] + 1])[0])
+        expected_rep = pred.embeddings(features[src[0] : src[0] + 1]) @ torch.nn.functional.normalize(pred.centers, dim=1).t()
+        torch.testing.assert_close(rep, expected_rep.max())
+
+
+def test_calibrated_threshold_sets_is_ood():
+    from ood_det.modeling.scores import ScoreStats
+
+    pred = _predictor()
+    props = Instances((256, 256))
+    props.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 30, 30], [100, 100, 150, 150]]))
+    logits = torch.tensor([[8.0, 0, 0, 0], [0.1, 0.2, 0.1, 5.0]])
+    inputs = (logits, torch.zeros(2, 4 * NUM_CLASSES), torch.randn(2, 6))
+    pred.test_score_thresh = 0.0
+    pred.calibration.set(ScoreStats(0.0, 1.0, 0.0, 1.0), id_threshold=2.0, conf_threshold=0.0)
+    (r,), _ = pred.inference(inputs, [props])
+    assert r.is_ood.any() and (~r.is_ood).any()
+    torch.testing.assert_close(r.is_ood, -r.ood_scores < 2.0)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("MODE", "bogus", "MODEL.OOD.MODE"),
+        ("ENERGY_LOSS", "hinge", "MODEL.OOD.ENERGY_LOSS"),
+        ("EMBED_DIM", 0, "MODEL.OOD.EMBED_DIM"),
+        ("QUEUE_SIZE", 0, "MODEL.OOD.QUEUE_SIZE"),
+        ("SCORE", "bogus", "MODEL.OOD.SCORE"),
+    ],
+)
+def test_bad_config_names_the_key(key, value, message):
+    cfg = _cfg(**{key: value})
+    _, shapes, _, _ = _inputs()
+    with pytest.raises(ValueError, match=message):
+        build_roi_heads(cfg, shapes)

@@ -1,0 +1,257 @@
+"""VirtualOutlierSynthesizer: FIFO queues, readiness, checkpoints, exact sampling, distributed gather."""
+import io
+
+import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
+import pytest
+import scipy.stats
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ood_det.modeling.synthesizer import (
+    VirtualOutlierSynthesizer,
+    brute_force_sample,
+    chi2_isf,
+    top_chi_radii,
+)
+
+
+def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4):
+    return VirtualOutlierSynthesizer(K, D, queue_size=Q, start_iter=start_iter, num_candidates=N,
+                                     num_samples=S, cov_eps=eps)
+
+
+def _fifo(syn, k):
+    """Class k's queued values (D = 1), oldest first."""
+    n, ptr = int(syn.queue_count[k]), int(syn.queue_ptr[k])
+    start = ptr if n == syn.queue_size else 0
+    return syn.queue[k, :, 0].roll(-start)[:n].tolist()
+
+
+def _enqueue(syn, values, labels):
+    syn.enqueue(torch.tensor(values, dtype=torch.float32)[:, None], torch.tensor(labels))
+
+
+def _filled(K, D, Q, N, S, seed=0):
+    """A full synthesizer whose features have distinct class means and an anisotropic covariance."""
+    syn = VirtualOutlierSynthesizer(K, D, queue_size=Q, start_iter=0, num_candidates=N, num_samples=S)
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(D, D, generator=g) + 2 * torch.eye(D)
+    means = torch.randn(K, D, generator=g) * 3
+    labels = torch.arange(K).repeat(Q)
+    syn.enqueue(means[labels] + torch.randn(K * Q, D, generator=g) @ mix.t(), labels)
+    assert syn.is_full()
+    return syn
+
+
+def _exact_stats(syn):
+    """Class means and pooled covariance (+ eps I) recomputed from the queue contents."""
+    q = syn.queue.double()
+    means = q.mean(dim=1)
+    centered = (q - means[:, None]).reshape(-1, syn.feature_dim)
+    cov = centered.t() @ centered / len(centered)
+    return means, cov + syn.cov_eps * torch.eye(syn.feature_dim, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- config validation
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(Q=0), "MODEL.OOD.QUEUE_SIZE"),
+    (dict(Q=-5), "MODEL.OOD.QUEUE_SIZE"),
+    (dict(start_iter=-1), "MODEL.OOD.START_ITER"),
+    (dict(N=0), "MODEL.OOD.NUM_CANDIDATES"),
+    (dict(N=5, S=6), "MODEL.OOD.NUM_SAMPLES"),
+    (dict(S=0), "MODEL.OOD.NUM_SAMPLES"),
+    (dict(eps=-1e-3), "MODEL.OOD.COV_EPS"),
+    (dict(K=0), "MODEL.ROI_HEADS.NUM_CLASSES"),
+])
+def test_bad_config_names_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        _synth(**kwargs)
+
+
+# ---------------------------------------------------------------- queues
+def test_queues_are_fifo_per_class():
+    syn = _synth(K=2, Q=3)
+    _enqueue(syn, [1, 10, 2, 99, 98], [0, 1, 0, 2, -1])  # labels 2 (= K) and -1 are dropped
+    assert _fifo(syn, 0) == [1, 2] and _fifo(syn, 1) == [10]
+    _enqueue(syn, [3, 4], [0, 0])
+    assert _fifo(syn, 0) == [2, 3, 4]  # 1 evicted first
+    assert syn.queue[0, :, 0].tolist() == [4, 2, 3] and int(syn.queue_ptr[0]) == 1
+    _enqueue(syn, [11, 5, 12, 13, 14, 15], [1, 0, 1, 1, 1, 1])  # more than Q for class 1
+    assert _fifo(syn, 0) == [3, 4, 5]
+    assert _fifo(syn, 1) == [13, 14, 15]
+    assert syn.queue_count.tolist() == [3, 3]
+
+
+def test_enqueue_detaches():
+    syn = _synth(K=1, D=2, Q=2)
+    x = torch.ones(2, 2, requires_grad=True)
+    syn.enqueue(x * 2, torch.zeros(2, dtype=torch.long))
+    assert not syn.queue.requires_grad and syn.queue.grad_fn is None
+
+
+def test_running_statistics_match_recomputation():
+    syn = _synth(K=3, D=5, Q=7)
+    g = torch.Generator().manual_seed(1)
+    for step in range(40):  # many wrap-arounds, batches of all sizes, some over Q for a class
+        b = int(torch.randint(0, 25, (1,), generator=g))
+        labels = torch.randint(-1, 4, (b,), generator=g)
+        syn.enqueue(torch.randn(b, 5, generator=g) * 3 + 5, labels)
+    assert syn.is_full()
+    means, cov = _exact_stats(syn)
+    torch.testing.assert_close(syn.class_means(), means, rtol=0, atol=1e-9)
+    torch.testing.assert_close(syn.covariance(), cov, rtol=0, atol=1e-9)
+
+
+def test_ready_only_when_full_and_after_start_iter():
+    syn = _synth(K=2, D=3, Q=2, start_iter=10)
+    syn.enqueue(torch.randn(3, 3), torch.tensor([0, 0, 1]))
+    assert not syn.is_full() and not syn.ready(100)
+    with pytest.raises(RuntimeError, match="full"):
+        syn.sample()
+    syn.enqueue(torch.randn(1, 3), torch.tensor([1]))
+    assert syn.is_full()
+    assert not syn.ready(9) and syn.ready(10) and syn.ready(11)
+    feats, labels = syn.sample_if_ready(9)
+    assert feats.shape == (0, 3) and labels.shape == (0,)
+    feats, labels = syn.sample_if_ready(10)
+    assert feats.shape == (2, 3) and labels.tolist() == [0, 1]
+
+
+def test_state_dict_round_trip_restores_queues_exactly():
+    syn = _synth(K=3, D=4, Q=5, S=2)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(9):
+        syn.enqueue(torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g))
+    buf = io.BytesIO()
+    torch.save(syn.state_dict(), buf)
+    buf.seek(0)
+    loaded = _synth(K=3, D=4, Q=5, S=2)
+    loaded.load_state_dict(torch.load(buf))
+    assert set(syn.state_dict()) == {"queue", "queue_count", "queue_ptr"}
+    for name in ("queue", "queue_count", "queue_ptr"):
+        assert torch.equal(getattr(loaded, name), getattr(syn, name)), name
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    syn.sample()  # caches its Gaussian fit, which the next enqueue must invalidate
+    syn.enqueue(x, y)
+    loaded.enqueue(x, y)  # continues FIFO identically, and its statistics were rebuilt
+    assert torch.equal(loaded.queue, syn.queue)
+    torch.testing.assert_close(loaded.covariance(), syn.covariance(), rtol=0, atol=1e-12)
+    a = syn.sample(torch.Generator().manual_seed(3))[0]
+    b = loaded.sample(torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, b)
+
+
+def test_checkpoint_shape_mismatch_names_the_keys():
+    syn = _synth(K=2, D=3, Q=4)
+    with pytest.raises(RuntimeError, match=r"MODEL\.OOD\.QUEUE_SIZE"):
+        _synth(K=2, D=3, Q=5).load_state_dict(syn.state_dict())
+
+
+def test_dtype_cast_keeps_float64_statistics():
+    syn = _filled(K=2, D=3, Q=10, N=5, S=1)
+    cov = syn.covariance()
+    syn.double()
+    assert syn._sum.dtype == torch.float64
+    torch.testing.assert_close(syn.covariance(), cov, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- exact sampling
+@pytest.mark.parametrize("dof", [1, 2, 4, 1024])
+def test_chi2_isf_matches_scipy(dof):
+    q = torch.tensor([0.9, 0.5, 1e-2, 1e-4, 1e-8, 1e-30], dtype=torch.float64)
+    torch.testing.assert_close(chi2_isf(q, dof), torch.from_numpy(scipy.stats.chi2.isf(q.numpy(), dof)),
+                               rtol=1e-9, atol=0)
+
+
+def test_top_radius_has_max_of_n_distribution_at_full_size():
+    """At D = 1024, N = 10000: F(r^2)^N of the largest radius is uniform."""
+    radii = top_chi_radii(10000, 1, 1024, 2000, torch.Generator().manual_seed(4))
+    u = scipy.stats.chi2.cdf(radii[:, 0].numpy() ** 2, 1024) ** 10000
+    assert scipy.stats.kstest(u, "uniform").pvalue > 0.01
+    wrong = scipy.stats.chi2.cdf(radii[:, 0].numpy() ** 2, 1024) ** 1000
+    assert scipy.stats.kstest(wrong, "uniform").pvalue < 1e-6  # the test can tell N apart
+
+
+def _whitened(syn, feats, labels):
+    """(P, D) features of classes (P,) -> (P, D) whitened offsets L^-1 (x - mu_y), in float64."""
+    factor = torch.linalg.cholesky(syn.covariance())
+    offsets = feats.double() - syn.class_means()[labels]
+    return torch.linalg.solve_triangular(factor, offsets.t(), upper=False).t()
+
+
+def _exact_radii(syn, calls, seed):
+    """(calls, K*S) Mahalanobis radii of ``calls`` draws of ``syn.sample``."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [syn.sample(g) for _ in range(calls)]
+    feats, labels = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+    return _whitened(syn, feats, labels).norm(dim=1).reshape(calls, -1)
+
+
+@pytest.mark.parametrize("N, S", [(200, 2), (5, 3)])  # (5, 3): order statistics far apart
+def test_exact_sampler_distributed_like_brute_force(N, S):
+    K, D, calls = 4, 4, 400
+    syn = _filled(K, D, Q=50, N=N, S=S)
+    feats, labels = syn.sample()
+    assert feats.shape == (K * S, D) and labels.tolist() == torch.arange(K).repeat_interleave(S).tolist()
+    exact_r = _exact_radii(syn, calls, seed=5)
+    torch.manual_seed(6)  # brute force: every draw at once, as calls * K classes
+    brute, brute_labels = brute_force_sample(syn.class_means().repeat(calls, 1), syn.covariance(), N, S)
+    assert brute_labels.tolist() == torch.arange(calls * K).repeat_interleave(S).tolist()
+    brute_r = _whitened(syn, brute, brute_labels % K).norm(dim=1).reshape(calls, -1)
+    for j in range(S):  # the j-th largest radius of N
+        p = scipy.stats.ks_2samp(exact_r[:, j::S].flatten(), brute_r[:, j::S].flatten()).pvalue
+        assert p > 0.01, (j, p)
+    for r in (exact_r, brute_r):
+        assert (r.reshape(calls, K, S).diff(dim=2) <= 0).all()  # least likely first
+    # the comparison has power: an exact sampler with the wrong N is told apart
+    wrong_r = _exact_radii(_filled(K, D, Q=50, N=N * 10, S=S), 100, seed=7)
+    assert scipy.stats.ks_2samp(wrong_r[:, 0::S].flatten(), brute_r[:, 0::S].flatten()).pvalue < 1e-3
+
+
+def test_exact_sampler_directions_are_uniform():
+    K, D, calls = 3, 4, 300
+    syn = _filled(K, D, Q=40, N=100, S=2, seed=8)
+    g = torch.Generator().manual_seed(9)
+    draws = [syn.sample(g) for _ in range(calls)]
+    w = _whitened(syn, torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]))
+    u = w / w.norm(dim=1, keepdim=True)
+    m = len(u)
+    assert u.mean(dim=0).abs().max() < 4 / (D * m) ** 0.5
+    torch.testing.assert_close(u.t() @ u / m, torch.eye(D, dtype=torch.float64) / D, rtol=0, atol=0.03)
+
+
+# ---------------------------------------------------------------- torch.distributed
+def _dist_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        syn = _synth(K=2, D=3, Q=3)
+        batches = _rank_batches(rank)
+        for feats, labels in batches:
+            syn.enqueue(feats, labels)
+        torch.save(syn.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_batches(rank):
+    """Two enqueue calls per rank, of different sizes on each rank (rank 0's second is empty)."""
+    g = torch.Generator().manual_seed(10 + rank)
+    label_lists = ([0, 1, 0], []) if rank == 0 else ([1, -1, 1, 0, 5], [1, 0])  # -1, 5: dropped
+    return [(torch.randn(len(y), 3, generator=g) + 10 * rank, torch.tensor(y, dtype=torch.long))
+            for y in label_lists]
+
+
+def test_distributed_ranks_hold_identical_gathered_queues(tmp_path):
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in ("queue", "queue_count", "queue_ptr"):
+        assert torch.equal(states[0][name], states[1][name]), name
+    reference = _synth(K=2, D=3, Q=3)  # one process enqueueing rank 0's batch, then rank 1's
+    for step in range(2):
+        feats = torch.cat([_rank_batches(r)[step][0] for r in range(2)])
+        labels = torch.cat([_rank_batches(r)[step][1] for r in range(2)])
+        reference.enqueue(feats, labels)
+    assert reference.queue_count.tolist() == [3, 3]  # both full, class 0 wrapped around
+    for name in ("queue", "queue_count", "queue_ptr"):
+        assert torch.equal(states[0][name], getattr(reference, name)), name
