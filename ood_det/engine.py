@@ -65,7 +65,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """mAP on DATASETS.TEST; with DATASETS.OOD_TEST and an OOD head, the OOD metrics too."""
-        if evaluators is not None or not cfg.DATASETS.OOD_TEST or not _has_ood_head(model):
+        if evaluators is not None or not (cfg.DATASETS.TEST and cfg.DATASETS.OOD_TEST) or not _has_ood_head(model):
             return super().test(cfg, model, evaluators)
         return evaluate_ood(cfg, model, cls.build_evaluator)
 
