@@ -3,14 +3,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= shapes_energy_cfl.yaml
 DEMO_OUTPUT ?= output/demo
+# Where the synthetic shapes are generated (detectron2's convention: $DETECTRON2_DATASETS, else ./datasets).
+SHAPES := $(or $(DETECTRON2_DATASETS),datasets)/shapes/v1-seed0
 
 .PHONY: setup demo test clean
 
 setup:  ## create .venv and install torch, detectron2 and ood_det (idempotent)
 	bash scripts/setup_env.sh
 
-demo: setup  ## train on the synthetic shapes benchmark on CPU, evaluate, print the tables
+demo: setup  ## train on the synthetic shapes on CPU, calibrate, evaluate, draw OOD boxes on a few images
 	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) tools/visualize_ood.py --config-file $(DEMO_CONFIG) --output $(DEMO_OUTPUT)/pictures \
+		--input '$(SHAPES)/ood/ood_00000[0-3].png' '$(SHAPES)/test/test_00000[0-3].png' \
+		--opts MODEL.WEIGHTS $(DEMO_OUTPUT)/model_final.pth
+	@echo "Demo done: results in $(DEMO_OUTPUT)/ood_results.json, plots $(DEMO_OUTPUT)/ood_*.png, pictures in $(DEMO_OUTPUT)/pictures/"
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q tests

@@ -6,10 +6,39 @@ classes, wrong for a checkpoint of this project's head, whose class centers,
 outlier queues and calibration only mean something for the classes and sizes
 they were trained with. ``OODCheckpointer`` refuses such a checkpoint with an
 error listing every mismatched key and the config keys that decide its shape.
+
+It also makes checkpoints safe to write and to read:
+
+- Writing is atomic. A checkpoint goes to a temporary file in the same folder,
+  is flushed to disk and renamed over ``<name>.pth``; ``last_checkpoint`` is
+  replaced the same way, and only after the checkpoint is complete. A process
+  killed at any moment (SIGKILL included) leaves the previous checkpoint and a
+  ``last_checkpoint`` naming a complete file; at worst a stray
+  ``.<name>.pth.*.tmp`` file, removed on the next save of that name.
+- Reading never runs code from the file. ``.pth`` / ``.pyth`` files are read
+  with ``torch.load(..., weights_only=True)``: tensors, numbers, strings and
+  containers only. detectron2's ``.pkl`` model-zoo format (a pickle of numpy
+  arrays) goes through :class:`ArrayUnpickler`, which rebuilds numpy arrays and
+  nothing else; any other object in the file is refused with
+  :class:`CheckpointError` before it is created. What this project saves
+  (model, optimizer, scheduler, iteration, queues and calibration, which are
+  buffers) is plain data and always loads this way.
 """
+import contextlib
+import copy
+import glob
+import logging
+import os
+import pickle
+
+import numpy as np
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .errors import OODDetError
+from .utils import atomic_write
+
+logger = logging.getLogger(__name__)
 
 PREDICTOR = "roi_heads.box_predictor."
 # Parameters and buffers that only EnergyCFLOutputLayers has.
@@ -45,12 +74,163 @@ def mismatched_predictor_keys(model_state, ckpt_state):
     return out
 
 
+# The only globals a detectron2 / Detectron1 ``.pkl`` of numpy arrays needs
+# (numpy 1 and numpy 2 module names). None of them can run code: an array's
+# dtype and subtype are themselves looked up through the same allow-list.
+_ARRAY_GLOBALS = frozenset(
+    [(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")]
+)
+REFUSED_HINT = (
+    "a checkpoint from an unknown source could run code when loaded, so ood_det reads only tensors, "
+    "numpy arrays, numbers, strings and containers. If you trust the file and its source, convert it "
+    "once: load it with torch.load(path, weights_only=False) (pickle.load for a .pkl) and save its "
+    "weights as plain tensors, torch.save({'model': {k: torch.as_tensor(v) for k, v in state.items()}}, "
+    "'converted.pth')"
+)
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays, numbers, strings and containers only."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references the global {module}.{name}, which is not a numpy array")
+
+
+def load_array_pickle(filename: str):
+    """The object pickled in ``filename`` (latin1 for Python 2 pickles), numpy arrays allowed only."""
+    try:
+        with open(filename, "rb") as f:
+            return ArrayUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {filename}: {e}; {REFUSED_HINT}") from None
+    except (EOFError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{filename} is not a readable .pkl checkpoint ({e or 'truncated'})") from None
+
+
+def load_tensor_file(filename: str):
+    """``torch.load(filename, weights_only=True)`` on the CPU, errors naming the file."""
+    try:
+        return torch.load(filename, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "global" in line]
+        reason = lines[0].strip() if lines else str(e).splitlines()[0]
+        raise CheckpointError(f"refusing to load {filename}: {reason}; {REFUSED_HINT}") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(
+            f"{filename} is not a readable checkpoint ({str(e).split('.')[0] or 'empty or truncated file'}); "
+            "it may be truncated or corrupted: use another checkpoint (e.g. an earlier model_*.pth)"
+        ) from None
+
+
+def plain_data(obj):
+    """``obj`` with numpy scalars and arrays turned into Python numbers and tensors, so that
+    a checkpoint holding it loads with ``weights_only=True``. Containers that need no
+    change are returned as they are (a state dict keeps its ``_metadata``)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        new = {k: plain_data(v) for k, v in obj.items()}
+        if all(new[k] is v for k, v in obj.items()):
+            return obj
+        out = copy.copy(obj)  # same type (OrderedDict, ...) and attributes
+        out.update(new)
+        return out
+    if type(obj) in (list, tuple):
+        new = [plain_data(v) for v in obj]
+        return obj if all(a is b for a, b in zip(new, obj)) else type(obj)(new)
+    return obj
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class OODCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that refuses an OOD checkpoint of other classes or sizes."""
+    """DetectionCheckpointer that refuses an OOD checkpoint of other classes or sizes,
+    writes checkpoints atomically and never runs code from a checkpoint it reads."""
+
+    def save(self, name: str, **kwargs) -> None:
+        """Like fvcore's ``Checkpointer.save``, but atomic: see the module docstring."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not _is_local(self.save_dir):
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        data = plain_data(data)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        for stale in glob.glob(os.path.join(glob.escape(self.save_dir), f".{glob.escape(basename)}.*.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)  # left by a process killed while writing this name
+        self.logger.info("Saving checkpoint to %s", path)
+        try:
+            atomic_write(path, lambda f: torch.save(data, f), binary=True)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoints and "
+                "last_checkpoint are unchanged; free disk space or set OUTPUT_DIR to a writable folder"
+            ) from None
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Replace ``last_checkpoint`` in one step (readers see the old or the new name)."""
+        if not _is_local(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        try:
+            atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename))
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write {os.path.join(self.save_dir, 'last_checkpoint')} ({e.strerror or e}); "
+                f"it still names the previous checkpoint; {last_filename_basename} is complete"
+            ) from None
+        _fsync_dir(self.save_dir)
 
     def load(self, path, *args, **kwargs):
         self._loading = path
+        if path and _is_local(path) and not os.path.isfile(path):
+            tag = os.path.join(self.save_dir or "", "last_checkpoint")
+            if self.save_dir and os.path.normpath(os.path.dirname(path)) == os.path.normpath(self.save_dir):
+                hint = (f"{tag} names it: write the name of an existing model_*.pth there, "
+                        f"or delete {tag} to start afresh")
+            else:
+                hint = "check MODEL.WEIGHTS"
+            raise CheckpointError(f"checkpoint {path} not found; {hint}")
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):
+            return _from_model_zoo(load_array_pickle(filename), filename)
+        data = load_tensor_file(filename)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{filename} holds a {type(data).__name__}, not a checkpoint dict")
+        if filename.endswith(".pyth"):  # pycls ImageNet models
+            if "model_state" not in data:
+                raise CheckpointError(f"{filename}: a pycls .pyth checkpoint must hold 'model_state'")
+            state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        return data if "model" in data else {"model": data}
 
     def _load_model(self, checkpoint):
         state = checkpoint.get("model", {})
@@ -63,3 +243,15 @@ class OODCheckpointer(DetectionCheckpointer):
                     f"set {SHAPE_KEYS} as they were when it was trained"
                 )
         return super()._load_model(checkpoint)
+
+
+def _from_model_zoo(data, filename: str):
+    """detectron2's reading of a ``.pkl`` (its model zoo, or Caffe2 / Detectron1 blobs)."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{filename} holds a {type(data).__name__}, not a dict of arrays")
+    if "model" in data and "__author__" in data:
+        logger.info("Reading a file from '%s'", data["__author__"])
+        return data
+    data = data.get("blobs", data)  # detection models have "blobs", ImageNet models do not
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}

@@ -64,6 +64,11 @@ def add_ood_config(cfg):
     _C.DATASETS.OOD_CALIBRATION = ()
     # OOD test split(s): images holding no in-distribution class.
     _C.DATASETS.OOD_TEST = ()
+
+    # A training image that is missing, cannot be decoded, has no annotation or has a degenerate,
+    # out-of-image or unknown-class box: "skip" it with one warning naming the file, or "fail"
+    # with an error naming file and problem.
+    _C.DATALOADER.BAD_DATA = "skip"
     return cfg
 
 

@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import OODCheckpointer
 from .compat import check_compiled_ops, has_compiled_ops
 from .config import load_config, resolve_config_file
+from .data.bad_data import build_checked_train_loader
 from .errors import ConfigError, OODDetError
 from .evaluation.calibration import calibrate
 from .evaluation.ood_evaluation import evaluate_ood
@@ -23,6 +24,8 @@ from .evaluation.ood_evaluation import evaluate_ood
 logger = logging.getLogger(__name__)
 
 DATASET_KEYS = ("TRAIN", "TEST", "OOD_CALIBRATION", "OOD_TEST")
+# detectron2 main saves the optimizer with the trainer's state ("_trainer"); v0.6 does not.
+_D2_SAVES_OPTIMIZER = "state_dict" in DefaultTrainer.__dict__
 
 
 class NonFiniteLossError(OODDetError, FloatingPointError):
@@ -43,13 +46,38 @@ def check_losses_finite(module, inputs, losses):
         )
 
 
+def check_outputs_finite(what: str):
+    """Forward hook: stop training when the module's outputs (``what``) hold NaN or infinity:
+    training diverged, and the losses computed from them would not name the cause."""
+
+    def hook(module, inputs, outputs):
+        if not module.training:
+            return
+        tensors = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise NonFiniteLossError(
+                f"training diverged at iteration {get_event_storage().iter}: the {what} hold NaN or "
+                "infinity, so the losses cannot be computed; lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS"
+            )
+
+    return hook
+
+
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with the project's checkpointer, a named
-    non-finite-loss check and COCO evaluation that needs no compiled ops."""
+    """detectron2's DefaultTrainer with the project's checkpointer (atomic writes, safe loads,
+    optimizer state kept on v0.6 too), named non-finite-loss and divergence checks, a training
+    loader that skips or names bad data, and COCO evaluation that needs no compiled ops."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self._trainer.model.register_forward_hook(check_losses_finite)
+        # Divergence shows first in the features, where detectron2 or the OOD head would fail unnamed.
+        model = getattr(self._trainer.model, "module", self._trainer.model)
+        model.backbone.register_forward_hook(check_outputs_finite("backbone features"))
+        box_head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+        if box_head is not None:
+            box_head.register_forward_hook(check_outputs_finite("box head features"))
 
     def build_hooks(self):
         # DefaultTrainer builds its checkpointer just before its hooks; swap it in here
@@ -61,6 +89,25 @@ class Trainer(DefaultTrainer):
             evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
             ret.insert(evals[0] if evals else len(ret), CalibrationHook())
         return ret
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader on checked data: bad items skipped with a warning or named in an error."""
+        return build_checked_train_loader(cfg)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if not _D2_SAVES_OPTIMIZER:  # detectron2 v0.6 leaves the optimizer out of its checkpoints
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not _D2_SAVES_OPTIMIZER:
+            if "_trainer" in state_dict:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+            else:
+                logger.warning("The checkpoint holds no optimizer state: the optimizer starts afresh.")
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

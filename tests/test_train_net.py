@@ -79,7 +79,7 @@ def test_eval_only_prints_bbox_ap_and_ood_table(trained):
     out, _ = trained
     proc = run_tool(
         "train_net.py", "--config-file", "shapes_energy_cfl.yaml", "--eval-only",
-        "MODEL.WEIGHTS", out / "model_final.pth", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", out / "eval",
+        *FAST, "MODEL.WEIGHTS", out / "model_final.pth", "OUTPUT_DIR", out / "eval",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -93,7 +93,7 @@ def test_calibrate_flag_saves_calibrated_checkpoint(trained):
     out, _ = trained
     proc = run_tool(
         "train_net.py", "--config-file", "shapes_energy_cfl.yaml", "--calibrate",
-        "MODEL.WEIGHTS", out / "model_final.pth", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", out / "cal",
+        *FAST, "MODEL.WEIGHTS", out / "model_final.pth", "OUTPUT_DIR", out / "cal",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "cal" / "model_calibrated.pth").is_file()

@@ -5,6 +5,7 @@
     tools/train_net.py --config-file shapes_vanilla.yaml --eval-only MODEL.WEIGHTS output/shapes_vanilla/model_final.pth
     tools/train_net.py --config-file shapes_vanilla.yaml --calibrate MODEL.WEIGHTS output/shapes_vanilla/model_final.pth
     tools/train_net.py --num-gpus 8 --config-file voc_energy_cfl.yaml
+    tools/train_net.py --config-file voc_energy_cfl.yaml --resume   # continue from OUTPUT_DIR/last_checkpoint
 
 ``--config-file`` takes a path or a bare file name under ``configs/``; trailing
 ``KEY VALUE`` pairs override the config.
@@ -63,8 +64,18 @@ def run(argv=None):
         )
     except OODDetError as e:
         if comm.is_main_process():
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(e: Exception) -> str:
+    """The message of ``e``; for one re-raised from a data-loader worker (torch wraps the
+    worker's traceback into the message), the worker's original message."""
+    text = str(e)
+    marker = f"{type(e).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 if __name__ == "__main__":

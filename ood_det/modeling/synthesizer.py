@@ -379,7 +379,8 @@ class VirtualOutlierSynthesizer(nn.Module):
             factor, info = torch.linalg.cholesky_ex(self.covariance())
             if int(info) != 0:
                 raise RuntimeError(
-                    "the shared feature covariance is not positive definite; raise MODEL.OOD.COV_EPS "
+                    "the shared feature covariance is not positive definite: the box features are "
+                    "degenerate or training is diverging; lower SOLVER.BASE_LR, or raise MODEL.OOD.COV_EPS "
                     f"(now {self.cov_eps})")
             self._gaussian_cache = (self.class_means(), factor)
         return self._gaussian_cache

@@ -1,0 +1,112 @@
+"""Run ``tools/train_net.py`` for tests/test_reliability.py, in a process of its own,
+with tiny test datasets registered and, on request, a fault injected or state recorded.
+
+    python tests/reliability_runner.py <train_net.py arguments>
+
+Environment (each optional):
+    OOD_DET_TEST_DATA: dataset root; registers tiny_{train,val,test,ood} there (SIZES).
+    OOD_DET_TEST_COCO: "name=json_file=image_root": registers a COCO-json dataset.
+    OOD_DET_TEST_KILL_IN_SAVE: a checkpoint name (e.g. model_0000003): this process
+        SIGKILLs itself halfway through writing that checkpoint's bytes.
+    OOD_DET_TEST_DUMP_RESTORED: a path: right after ``resume_or_load``, the model,
+        optimizer and scheduler state and the iterations go there (torch.save).
+    OOD_DET_TEST_LOSSES: a path: each iteration's losses are appended as json lines.
+
+The faults live here, not in the library: the library runs unchanged.
+"""
+import io
+import json
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import ood_det  # noqa: F401  (before detectron2.data)
+import torch
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import HookBase
+from detectron2.utils.events import get_event_storage
+
+from ood_det.data.synthetic import register_shapes_splits
+from ood_det.engine import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = {"train": 8, "val": 4, "test": 4, "ood": 4}
+
+
+def kill_in_save(name: str) -> None:
+    """Make torch.save write half of checkpoint ``name`` to its temporary file, then SIGKILL."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        target = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else str(f)
+        if os.path.basename(target).startswith(f".{name}.pth."):
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            data = buf.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def dump_restored(path: str) -> None:
+    original = Trainer.resume_or_load
+
+    def resume_or_load(self, resume=True):
+        original(self, resume=resume)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "iter": self.iter,
+            "start_iter": self.start_iter,
+        }
+        torch.save(state, path)
+
+    Trainer.resume_or_load = resume_or_load
+
+
+class LossLog(HookBase):
+    def __init__(self, path):
+        self.path = path
+
+    def after_step(self):
+        storage = get_event_storage()
+        losses = {k: v for k, (v, _) in storage.latest().items() if k.startswith("loss") or k == "total_loss"}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"iter": storage.iter, **losses}) + "\n")
+
+
+def log_losses(path: str) -> None:
+    original = Trainer.build_hooks
+
+    def build_hooks(self):
+        return original(self) + [LossLog(path)]
+
+    Trainer.build_hooks = build_hooks
+
+
+def main():
+    env = os.environ
+    if env.get("OOD_DET_TEST_DATA"):
+        register_shapes_splits("tiny", env["OOD_DET_TEST_DATA"], sizes=SIZES)
+    if env.get("OOD_DET_TEST_COCO"):
+        name, json_file, image_root = env["OOD_DET_TEST_COCO"].split("=")
+        register_coco_instances(name, {}, json_file, image_root)
+    if env.get("OOD_DET_TEST_KILL_IN_SAVE"):
+        kill_in_save(env["OOD_DET_TEST_KILL_IN_SAVE"])
+    if env.get("OOD_DET_TEST_DUMP_RESTORED"):
+        dump_restored(env["OOD_DET_TEST_DUMP_RESTORED"])
+    if env.get("OOD_DET_TEST_LOSSES"):
+        log_losses(env["OOD_DET_TEST_LOSSES"])
+    sys.argv = [str(REPO / "tools" / "train_net.py"), *sys.argv[1:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

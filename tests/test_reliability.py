@@ -1,0 +1,483 @@
+"""Reliability: resume after a real SIGKILL (also mid-checkpoint-write), atomic and safe
+checkpoints, bad training data, non-finite losses, determinism.
+
+Subprocess runs go through ``tests/reliability_runner.py``: ``tools/train_net.py``
+unchanged, with tiny datasets registered and, where a test asks, a fault injected.
+"""
+import copy
+import glob
+import io
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.modeling import build_model
+from torch import nn
+
+from conftest import REPO, run_tool
+from ood_det.checkpoint import CheckpointError, OODCheckpointer
+from ood_det.config import load_config
+from ood_det.data.bad_data import build_checked_train_loader
+from ood_det.data.synthetic import ID_CLASSES, register_shapes_splits
+from ood_det.engine import NonFiniteLossError, Trainer
+from ood_det.errors import DatasetError
+from ood_det.modeling.roi_heads import EnergyCFLOutputLayers
+from ood_det.modeling.scores import ScoreStats
+from reliability_runner import SIZES
+
+PREFIX = "reltiny"  # in this process; the runner registers the same data as "tiny"
+TIMEOUT = 600
+MAX_ITER, PERIOD = 6, 2
+FAST = [
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.OOD.START_ITER", "2",
+    "MODEL.OOD.QUEUE_SIZE", "4",
+    "MODEL.OOD.NUM_CANDIDATES", "100",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    "DATASETS.TEST", "()",
+    "DATASETS.OOD_TEST", "()",
+    "DATASETS.OOD_CALIBRATION", "()",
+]
+CALIBRATION = dict(stats=ScoreStats(1.5, 2.0, 0.25, 0.5), id_threshold=-0.75, conf_threshold=0.125)
+
+
+# ---------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Tiny synthetic splits, generated here once so that subprocesses only read them."""
+    root = tmp_path_factory.mktemp("data")
+    register_shapes_splits(PREFIX, root, sizes=SIZES)
+    for split in SIZES:
+        assert DatasetCatalog.get(f"{PREFIX}_{split}")
+    return root
+
+
+def tiny_cfg(out, *opts):
+    return load_config(
+        "shapes_energy_cfl",
+        [*FAST, "DATASETS.TRAIN", f"('{PREFIX}_train',)", "OUTPUT_DIR", str(out), *map(str, opts)],
+    )
+
+
+def train_args(out, *opts):
+    return ["--config-file", "shapes_energy_cfl", *FAST, "DATASETS.TRAIN", "('tiny_train',)",
+            "OUTPUT_DIR", out, *opts]
+
+
+def start_runner(args, log_file, data_root, **env):
+    """Popen of tests/reliability_runner.py; output to ``log_file`` (no pipe to fill)."""
+    full_env = {**os.environ, "OOD_DET_TEST_DATA": str(data_root), **{k: str(v) for k, v in env.items()}}
+    with open(log_file, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "reliability_runner.py"), *map(str, args)],
+            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )
+
+
+def finish(proc, log_file):
+    try:
+        rc = proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return rc, log_file.read_text()
+
+
+def last_checkpoint(out):
+    return (out / "last_checkpoint").read_text().strip()
+
+
+def safe_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, what):
+    """Equal nested containers of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), what
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{what}: keys {sorted(set(a) ^ set(b))} differ"
+        for k in a:
+            assert_same(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{what}[{i}]")
+    else:
+        assert a == b, f"{what}: {a!r} != {b!r}"
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_of_bad_data():
+    handler = Records()
+    log = logging.getLogger("ood_det.data.bad_data")
+    log.addHandler(handler)
+    yield handler.messages
+    log.removeHandler(handler)
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+@pytest.fixture(scope="module")
+def calibrated_init(data_root, tmp_path_factory):
+    """A checkpoint of the tiny model with a (made-up) calibration, to train from: the
+    calibration then travels in every periodic checkpoint and must survive the resume."""
+    folder = tmp_path_factory.mktemp("init")
+    model = build_model(tiny_cfg(folder))
+    model.roi_heads.box_predictor.calibration.set(**CALIBRATION)
+    OODCheckpointer(model, save_dir=str(folder)).save("init")
+    return folder / "init.pth"
+
+
+def test_resume_after_sigkill_and_kill_during_checkpoint_write(data_root, calibrated_init, tmp_path):
+    out = tmp_path / "out"
+    args = train_args(out, "SOLVER.MAX_ITER", MAX_ITER, "SOLVER.CHECKPOINT_PERIOD", PERIOD,
+                      "MODEL.WEIGHTS", calibrated_init)
+
+    # 1. A real SIGKILL from outside, as soon as the first periodic checkpoint is tagged.
+    proc = start_runner(args, tmp_path / "a.log", data_root)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "last_checkpoint").exists():
+        assert proc.poll() is None, "ended before a checkpoint:\n" + (tmp_path / "a.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    rc, _ = finish(proc, tmp_path / "a.log")
+    assert rc == -signal.SIGKILL
+    assert not (out / "model_final.pth").exists()
+    name = last_checkpoint(out)
+    held = safe_load(out / name)  # complete, and loadable without running code
+    k = held["iteration"]
+    assert k + PERIOD < MAX_ITER - 1, f"the run got to iteration {k} before the kill; raise MAX_ITER"
+
+    # 2. Resume; the process SIGKILLs itself halfway through writing the next checkpoint.
+    nxt = f"model_{k + PERIOD:07d}"
+    restored_file = tmp_path / "restored.pth"
+    proc = start_runner(["--resume", *args], tmp_path / "b.log", data_root,
+                        OOD_DET_TEST_KILL_IN_SAVE=nxt, OOD_DET_TEST_DUMP_RESTORED=restored_file)
+    rc, log = finish(proc, tmp_path / "b.log")
+    assert rc == -signal.SIGKILL, log[-3000:]
+    partial = glob.glob(str(out / f".{nxt}.pth.*.tmp"))
+    assert len(partial) == 1 and os.path.getsize(partial[0]) > 0  # the kill hit mid-write
+    assert not (out / f"{nxt}.pth").exists()
+    assert last_checkpoint(out) == name
+    assert_same(safe_load(out / name)["model"], held["model"], "checkpoint after the kill")
+
+    # What the resumed process restored is what the checkpoint held.
+    restored = safe_load(restored_file)
+    assert restored["iter"] == k and restored["start_iter"] == k + 1
+    assert_same(restored["model"], held["model"], "model")
+    assert_same(restored["optimizer"], held["trainer"]["_trainer"]["optimizer"], "optimizer")
+    assert_same(restored["scheduler"], held["trainer"]["hooks"]["LRScheduler"], "scheduler")
+    assert restored["optimizer"]["state"], "no optimizer state (momentum) was restored"
+    head = "roi_heads.box_predictor."
+    assert int(restored["model"][head + "synthesizer.queue_count"].sum()) > 0, "outlier queues are empty"
+    assert bool(restored["model"][head + "calibration.calibrated"])
+    assert float(restored["model"][head + "calibration.id_threshold"]) == CALIBRATION["id_threshold"]
+    assert torch.equal(restored["model"][head + "calibration.score_stats"], CALIBRATION["stats"].to_tensor())
+
+    # 3. Resume again: it finishes.
+    proc = start_runner(["--resume", *args], tmp_path / "c.log", data_root)
+    rc, log = finish(proc, tmp_path / "c.log")
+    assert rc == 0, log[-3000:]
+    assert f"Starting training from iteration {k + 1}" in log
+    assert last_checkpoint(out) == "model_final.pth"
+    final = safe_load(out / "model_final.pth")
+    assert final["iteration"] == MAX_ITER - 1 and final["trainer"]["iteration"] == MAX_ITER - 1
+    assert not glob.glob(str(out / ".*.tmp")), "the stale partial checkpoint was not cleaned up"
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_failed_save_keeps_previous_checkpoint_and_last_checkpoint(tmp_path, monkeypatch):
+    checkpointer = OODCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_final")
+    before = (tmp_path / "model_final.pth").read_bytes()
+    saved_weight = checkpointer.model.weight.detach().clone()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[:1000])  # half-way through, the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    checkpointer.model.weight.data.add_(1.0)
+    for name in ("model_final", "model_0000009"):
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left.*unchanged"):
+            checkpointer.save(name)
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    assert not (tmp_path / "model_0000009.pth").exists()
+    assert last_checkpoint(tmp_path) == "model_final.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]  # no temp files
+    monkeypatch.undo()
+    fresh = OODCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path))
+    fresh.resume_or_load("", resume=True)
+    assert torch.equal(fresh.model.weight, saved_weight)
+
+
+class Evil:
+    """Pickles into a call of os.mkdir(marker): whoever unpickles it runs that call."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_malicious_checkpoint_does_not_run(tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{suffix}"
+    payload = {"model": {"weight": torch.zeros(2, 3)}, "__author__": "x", "extra": Evil(marker)}
+    if suffix == ".pth":
+        torch.save(payload, path)
+    else:
+        payload["model"] = {"weight": np.zeros((2, 3), np.float32)}
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    checkpointer = OODCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match=rf"refusing to load .*evil\{suffix}.*(posix|os)\.mkdir"):
+        checkpointer.resume_or_load(str(path), resume=False)
+    assert not marker.exists()
+
+
+def test_malicious_checkpoint_from_command_line_is_one_clear_line(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "x": Evil(marker)}, path)
+    proc = run_tool("train_net.py", "--config-file", "shapes_vanilla", "--eval-only",
+                    "MODEL.WEIGHTS", path, "OUTPUT_DIR", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "refusing to load" in lines[0] and "evil.pth" in lines[0], proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_model_zoo_pkl_of_numpy_arrays_still_loads(tmp_path):
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+    bias = np.array([0.5, -1.0], dtype=np.float32)
+    path = tmp_path / "zoo.pkl"
+    path.write_bytes(pickle.dumps({"model": {"weight": weight, "bias": bias}, "__author__": "test"}, protocol=2))
+    model = nn.Linear(3, 2)
+    OODCheckpointer(model).load(str(path))
+    assert np.array_equal(model.weight.detach().numpy(), weight) and np.array_equal(model.bias.detach().numpy(), bias)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    checkpointer = OODCheckpointer(nn.Linear(3, 2), save_dir=str(tmp_path))
+    checkpointer.save("model_0000001")
+    data = (tmp_path / "model_0000001.pth").read_bytes()
+    (tmp_path / "model_0000001.pth").write_bytes(data[: len(data) // 2])  # e.g. copied half-way
+    with pytest.raises(CheckpointError, match="model_0000001.pth is not a readable checkpoint"):
+        checkpointer.resume_or_load("", resume=True)
+    (tmp_path / "model_0000001.pth").unlink()
+    with pytest.raises(CheckpointError, match="model_0000001.pth not found; .*last_checkpoint names it"):
+        checkpointer.resume_or_load("", resume=True)
+
+
+@pytest.mark.parametrize(
+    "opts, keys",
+    [
+        (["MODEL.ROI_HEADS.NUM_CLASSES", "3"], ["cls_score.weight", "centers", "synthesizer.queue:"]),
+        (["MODEL.OOD.EMBED_DIM", "64"], ["centers", "embed."]),
+    ],
+)
+def test_mismatched_checkpoint_lists_the_keys(tmp_path, opts, keys):
+    trained = build_model(tiny_cfg(tmp_path))
+    OODCheckpointer(trained, save_dir=str(tmp_path)).save("trained")
+    other = build_model(tiny_cfg(tmp_path, *opts))
+    with pytest.raises(CheckpointError) as err:
+        OODCheckpointer(other).load(str(tmp_path / "trained.pth"))
+    message = str(err.value)
+    assert "does not fit this model" in message and "MODEL.ROI_HEADS.NUM_CLASSES, MODEL.OOD.EMBED_DIM" in message
+    for key in keys:
+        assert f"roi_heads.box_predictor.{key}" in message, message
+
+
+# ---------------------------------------------------------------- bad data
+def _corrupt(d, tmp_path):
+    bad = tmp_path / "corrupt.png"
+    data = open(d["file_name"], "rb").read()
+    bad.write_bytes(data[: len(data) // 2])  # a truncated copy: PIL raises "image file is truncated"
+    d["file_name"] = str(bad)
+
+
+BAD_CASES = {
+    # case: (how to break the first image's dict, words of the message)
+    "undecodable_image": (_corrupt, "cannot read the image"),
+    "missing_image": (lambda d, tmp: d.update(file_name=str(tmp / "no_such_image.png")), "image file not found"),
+    "degenerate_box": (lambda d, tmp: d["annotations"][0].update(bbox=[10.0, 10.0, 0.0, 5.0]), "degenerate"),
+    "out_of_image_box": (lambda d, tmp: d["annotations"][0].update(bbox=[300.0, 20.0, 30.0, 30.0]),
+                         "lies outside the 128x128 image"),
+    "no_annotations": (lambda d, tmp: d.update(annotations=[]), "no annotations"),
+    "unknown_category": (lambda d, tmp: d["annotations"][0].update(category_id=7), "category_id 7 is not one of"),
+}
+
+
+@pytest.fixture(params=sorted(BAD_CASES))
+def bad_dataset(request, data_root, tmp_path):
+    """A copy of the tiny train split with one fault in its first image; (name, file, words)."""
+    case = request.param
+    break_it, words = BAD_CASES[case]
+    dicts = copy.deepcopy(DatasetCatalog.get(f"{PREFIX}_train"))
+    break_it(dicts[0], tmp_path)
+    name = f"{PREFIX}_bad_{case}_{abs(hash(str(tmp_path)))}"
+    DatasetCatalog.register(name, lambda: copy.deepcopy(dicts))
+    MetadataCatalog.get(name).set(thing_classes=list(ID_CLASSES))
+    yield name, dicts[0]["file_name"], words
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def batches_of(loader, n):
+    it = iter(loader)
+    return [d["file_name"] for _ in range(n) for d in next(it)]
+
+
+def test_bad_data_is_skipped_with_one_warning(bad_dataset, tmp_path, warnings_of_bad_data):
+    name, bad_file, words = bad_dataset
+    loader = build_checked_train_loader(tiny_cfg(tmp_path, "DATASETS.TRAIN", f"('{name}',)"))
+    seen = batches_of(loader, 3 * SIZES["train"] // 2)  # three epochs: every image at least once
+    assert bad_file not in seen
+    assert len(set(seen)) == SIZES["train"] - 1
+    about = [m for m in warnings_of_bad_data if os.path.basename(bad_file) in m]
+    assert len(about) == 1 and words in about[0], warnings_of_bad_data
+
+
+def test_bad_data_fails_naming_file_and_problem(bad_dataset, tmp_path):
+    name, bad_file, words = bad_dataset
+    cfg = tiny_cfg(tmp_path, "DATASETS.TRAIN", f"('{name}',)", "DATALOADER.BAD_DATA", "fail")
+    with pytest.raises(DatasetError) as err:
+        batches_of(build_checked_train_loader(cfg), 3 * SIZES["train"] // 2)
+    assert str(err.value).startswith(f"{bad_file}: ") and words in str(err.value)
+    assert "DATALOADER.BAD_DATA skip" in str(err.value)
+
+
+def test_annotation_json_with_unknown_category_names_the_file(data_root, tmp_path):
+    coco = json.loads(next((data_root / "shapes").glob("*/annotations/train.json")).read_text())
+    coco["annotations"][0]["category_id"] = 42
+    json_file = tmp_path / "train.json"
+    json_file.write_text(json.dumps(coco))
+    name = f"{PREFIX}_bad_json"
+    register_coco_instances(name, {}, str(json_file), str(tmp_path))
+    try:
+        with pytest.raises(DatasetError, match=rf"{json_file.name}\) cannot be loaded: .*category_id=42"):
+            build_checked_train_loader(tiny_cfg(tmp_path, "DATASETS.TRAIN", f"('{name}',)"))
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_undecodable_image_in_a_worker_is_one_clear_line(data_root, tmp_path):
+    """BAD_DATA fail, NUM_WORKERS 1: the error from the worker names the file, no traceback."""
+    train_dir = next((data_root / "shapes").glob("*/train"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for png in train_dir.iterdir():
+        (images / png.name).write_bytes(png.read_bytes())
+    victim = sorted(images.iterdir())[0]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    json_file = next((data_root / "shapes").glob("*/annotations/train.json"))
+    proc = start_runner(
+        train_args(tmp_path / "out", "DATASETS.TRAIN", "('bad_coco',)", "SOLVER.MAX_ITER", 20,
+                   "DATALOADER.NUM_WORKERS", 1, "DATALOADER.BAD_DATA", "fail"),
+        tmp_path / "log", data_root, OOD_DET_TEST_COCO=f"bad_coco={json_file}={images}",
+    )
+    rc, log = finish(proc, tmp_path / "log")
+    assert rc == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log[-3000:]
+    assert errors[0].startswith(f"error: {victim}: cannot read the image"), errors[0]
+
+
+# ---------------------------------------------------------------- non-finite losses
+def test_non_finite_loss_stops_training_naming_loss_and_iteration(data_root, tmp_path, monkeypatch):
+    from detectron2.utils.events import get_event_storage
+
+    original = EnergyCFLOutputLayers.losses
+
+    def losses(self, predictions, proposals):
+        out = original(self, predictions, proposals)
+        if get_event_storage().iter >= 1:
+            out["loss_cfl"] = out["loss_cfl"] * float("nan")
+        return out
+
+    monkeypatch.setattr(EnergyCFLOutputLayers, "losses", losses)
+    trainer = Trainer(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 1))
+    message = r"non-finite loss at iteration 1: loss_cfl=nan; lower SOLVER\.BASE_LR"
+    with pytest.raises(NonFiniteLossError, match=message):
+        trainer.train()
+    # No checkpoint of the broken state: only iteration 0's, finite.
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth"]
+    assert last_checkpoint(tmp_path) == "model_0000000.pth"
+    state = safe_load(tmp_path / "model_0000000.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_diverging_training_is_one_clear_line(data_root, tmp_path):
+    """A huge learning rate: the features overflow before any loss does; named, no traceback."""
+    proc = start_runner(
+        train_args(tmp_path / "out", "SOLVER.MAX_ITER", 8, "SOLVER.BASE_LR", "1e6",
+                   "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "MODEL.OOD.START_ITER", 100),
+        tmp_path / "log", data_root,
+    )
+    rc, log = finish(proc, tmp_path / "log")
+    assert rc == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log[-3000:]
+    assert errors[0].startswith("error: training diverged at iteration ") or \
+        errors[0].startswith("error: non-finite loss at iteration "), errors[0]
+    assert "lower SOLVER.BASE_LR" in errors[0]
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_seed_same_losses_and_ood_scores(data_root, calibrated_init, tmp_path):
+    """Two runs of one config (SEED 0, CPU, outliers drawn from iteration 2): the same losses at
+    every iteration, the same final weights and the same per-box OOD scores. They start from the
+    calibrated checkpoint, as calibrating a 4-iteration model on 4 images finds (almost) no box."""
+    outs, losses = [], []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        proc = start_runner(
+            train_args(out, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 100, "MODEL.WEIGHTS", calibrated_init,
+                       "DATASETS.TEST", "('tiny_test',)", "DATASETS.OOD_TEST", "('tiny_ood',)"),
+            tmp_path / f"{run}.log", data_root, OOD_DET_TEST_LOSSES=tmp_path / f"{run}.losses",
+        )
+        rc, log = finish(proc, tmp_path / f"{run}.log")
+        assert rc == 0, log[-3000:]
+        outs.append(out)
+        losses.append([json.loads(line) for line in (tmp_path / f"{run}.losses").read_text().splitlines()])
+    assert [r["iter"] for r in losses[0]] == [0, 1, 2, 3]
+    assert losses[0] == losses[1]
+    assert any(r["loss_energy"] > 0 for r in losses[0])  # the outliers (random draws) took part
+    assert_same(safe_load(outs[0] / "model_final.pth")["model"], safe_load(outs[1] / "model_final.pth")["model"],
+                "final model")
+    for split in ("tiny_test", "tiny_ood"):
+        a, b = (np.load(out / f"ood_scores_{split}.npz") for out in outs)
+        assert set(a.files) == set(b.files) and len(a["id_score"]) > 0
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), f"{split}: {key} differs"
