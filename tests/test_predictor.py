@@ -351,8 +351,7 @@ def test_a_failure_midway_leaves_no_partial_output(checkpoints, images, tmp_path
 
 def test_picture_write_is_atomic(tmp_path, monkeypatch):
     def broken_save(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"\x89PNG half")
+        fp.write(b"\x89PNG half")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)

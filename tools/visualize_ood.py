@@ -72,6 +72,7 @@ from tqdm import tqdm
 from ood_det.config import load_config
 from ood_det.errors import OODDetError
 from ood_det.predictor import OODPredictor
+from ood_det.utils import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 JSON_KEYS = ("image", "box", "class", "confidence", "energy", "rep_score", "ood_score", "is_ood")
@@ -247,30 +248,10 @@ def picture_name(path, taken):
     return name
 
 
-def write_atomic(path, write):
-    """Call ``write(temporary path)``, then rename it to ``path``; remove it on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should not be
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_picture(rgb, path):
     fmt = "JPEG" if str(path).lower().endswith(".jpg") else "PNG"
     options = {"quality": 90} if fmt == "JPEG" else {}
-    write_atomic(path, lambda tmp: Image.fromarray(rgb).save(tmp, format=fmt, **options))
+    atomic_write(path, lambda f: Image.fromarray(rgb).save(f, format=fmt, **options), binary=True)
 
 
 # ------------------------------------------------------------------ main

@@ -89,9 +89,10 @@ def evaluate_ood(cfg, model, build_evaluator):
 
     results, boxes = OrderedDict(), {}
     for name in cfg.DATASETS.TEST:
-        collector = OODEvaluator(name)
-        evaluator = DatasetEvaluators([build_evaluator(cfg, name), collector])
-        res = inference_on_dataset(model, build_detection_test_loader(cfg, name), evaluator)
+        # The loader first: loading a dataset may create the json file the COCO evaluator reads.
+        loader = build_detection_test_loader(cfg, name)
+        evaluator = DatasetEvaluators([build_evaluator(cfg, name), OODEvaluator(name)])
+        res = inference_on_dataset(model, loader, evaluator)
         boxes[name] = res.pop("ood_boxes")
         results[name] = res
         if comm.is_main_process():
