@@ -41,8 +41,6 @@ from .utils import atomic_write
 logger = logging.getLogger(__name__)
 
 PREDICTOR = "roi_heads.box_predictor."
-# Parameters and buffers that only EnergyCFLOutputLayers has.
-OOD_KEYS = ("centers", "embed.", "synthesizer.", "calibration.", "energy_logistic.")
 SHAPE_KEYS = (
     "MODEL.ROI_HEADS.NUM_CLASSES, MODEL.OOD.EMBED_DIM, MODEL.OOD.EMBED_HIDDEN_DIM, "
     "MODEL.OOD.QUEUE_SIZE, MODEL.ROI_BOX_HEAD.FC_DIM"

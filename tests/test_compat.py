@@ -1,7 +1,6 @@
 """The detectron2 v0.6 shims: what they add, and the compiled-op checks."""
 import builtins
 import importlib
-import sys
 
 import numpy as np
 import pytest
