@@ -18,7 +18,7 @@ from .compat import check_compiled_ops, has_compiled_ops
 from .config import load_config, resolve_config_file
 from .data.bad_data import build_checked_train_loader
 from .errors import ConfigError, OODDetError
-from .evaluation.calibration import calibrate
+from .evaluation.calibration import calibrate, find_box_predictor
 from .evaluation.ood_evaluation import evaluate_ood
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,17 @@ class NonFiniteLossError(OODDetError, FloatingPointError):
     """A training loss became NaN or infinite."""
 
 
+def _finite_flags(tensors):
+    """Whether each tensor is all finite, with one device sync for all of them."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
+
+
 def check_losses_finite(module, inputs, losses):
     """Forward hook: stop training on a non-finite loss, naming it and the iteration."""
     if not (module.training and isinstance(losses, dict) and losses):
         return
-    finite = torch.stack([torch.isfinite(v).all() for v in losses.values()])
-    if not bool(finite.all()):
-        bad = [k for k, ok in zip(losses, finite.tolist()) if not ok]
+    bad = [k for k, ok in zip(losses, _finite_flags(losses.values())) if not ok]
+    if bad:
         values = ", ".join(f"{k}={losses[k].detach().float().mean().item()}" for k in bad)
         raise NonFiniteLossError(
             f"non-finite loss at iteration {get_event_storage().iter}: {values}; "
@@ -55,7 +59,7 @@ def check_outputs_finite(what: str):
             return
         tensors = list(outputs.values()) if isinstance(outputs, dict) else [outputs]
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if tensors and not all(_finite_flags(tensors)):
             raise NonFiniteLossError(
                 f"training diverged at iteration {get_event_storage().iter}: the {what} hold NaN or "
                 "infinity, so the losses cannot be computed; lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS"
@@ -84,7 +88,7 @@ class Trainer(DefaultTrainer):
         # so that the periodic checkpointer hook uses ours too.
         self.checkpointer = OODCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         ret = super().build_hooks()
-        if self.cfg.DATASETS.OOD_CALIBRATION and _has_ood_head(self.model):
+        if self.cfg.DATASETS.OOD_CALIBRATION and find_box_predictor(self.model) is not None:
             # Calibrate (and save the calibrated model_final) before the final evaluation.
             evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
             ret.insert(evals[0] if evals else len(ret), CalibrationHook())
@@ -112,7 +116,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         """mAP on DATASETS.TEST; with DATASETS.OOD_TEST and an OOD head, the OOD metrics too."""
-        if evaluators is not None or not (cfg.DATASETS.TEST and cfg.DATASETS.OOD_TEST) or not _has_ood_head(model):
+        ood = cfg.DATASETS.TEST and cfg.DATASETS.OOD_TEST and find_box_predictor(model) is not None
+        if evaluators is not None or not ood:
             return super().test(cfg, model, evaluators)
         return evaluate_ood(cfg, model, cls.build_evaluator)
 
@@ -124,11 +129,6 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(
             dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
         )
-
-
-def _has_ood_head(model) -> bool:
-    model = getattr(model, "module", model)
-    return hasattr(getattr(getattr(model, "roi_heads", None), "box_predictor", None), "calibration")
 
 
 class CalibrationHook(hooks.HookBase):

@@ -30,11 +30,17 @@ logger = logging.getLogger(__name__)
 KEEP_SHARE = 0.95
 
 
-def box_predictor(model):
-    """The EnergyCFLOutputLayers of a (possibly DDP-wrapped) detector."""
+def find_box_predictor(model):
+    """The EnergyCFLOutputLayers of a (possibly DDP-wrapped) detector, or None if it has none."""
     model = getattr(model, "module", model)
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    if predictor is None or not hasattr(predictor, "calibration"):
+    return predictor if hasattr(predictor, "calibration") else None
+
+
+def box_predictor(model):
+    """:func:`find_box_predictor`, or a ConfigError saying which head is needed."""
+    predictor = find_box_predictor(model)
+    if predictor is None:
         raise ConfigError("OOD calibration needs MODEL.ROI_HEADS.NAME: EnergyCFLROIHeads")
     return predictor
 
