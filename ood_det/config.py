@@ -59,6 +59,11 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.NUM_SAMPLES = 1
     # eps added to the diagonal of the shared covariance.
     _C.MODEL.OOD.COV_EPS = 1e-4
+    # P: class means, covariance and its Cholesky factor are refitted once every P training
+    # iterations (1 = every iteration, as VOS). At D = 1024 the refit is most of what synthesis
+    # costs; the queues change by a few percent per iteration, so a fit P - 1 iterations old
+    # draws nearly the same outliers.
+    _C.MODEL.OOD.REFIT_PERIOD = 5
 
     # In-distribution validation split(s) on which OOD thresholds are calibrated (never a test set).
     _C.DATASETS.OOD_CALIBRATION = ()

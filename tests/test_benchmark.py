@@ -134,6 +134,8 @@ def test_cost_settings_and_sanity(bench):
     s = cost["settings"]
     assert (s["num_classes"], s["fc_dim"], s["num_candidates"]) == (3, 32, 200) and s["torch_threads"] == 1
     assert cost["train_step"]["synthesis_active"] is True
+    period = cost["train_step"]["refit_period"]
+    assert period == 5 and cost["train_step"]["steps_per_repeat"] % period == 0  # whole refit periods
     assert cost["inference"]["boxes_per_image"] > 0
     assert cost["memory"]["candidate_tensor_bytes_per_class"] == 200 * 32 * 4
     assert 0.0 <= cost["equivalence"]["ks_pvalue"] <= 1.0
@@ -170,6 +172,18 @@ def test_reuse_skips_finished_runs_and_skip_cost_drops_the_cost(bench):
 
 
 # ---------------------------------------------------------------- helpers, without training
+def test_validation_evaluates_on_the_tuning_splits_only():
+    b = load_benchmark_module()
+    plan = b.plan_quality(b.build_parser().parse_args(["--validation", "--seeds", "0"]))
+    assert set(plan["datasets"]) == {"shapes_train", "shapes_val", "shapes_tune", "shapes_ood_tune"}
+    assert plan["validation"] is True and plan["opts"][:4] == b.VALIDATION_OPTS
+    # An explicit --opts still wins over the tuning splits.
+    plan = b.plan_quality(b.build_parser().parse_args(
+        ["--validation", "--opts", "DATASETS.OOD_TEST", "('shapes_ood',)"]))
+    assert "shapes_ood" in plan["datasets"] and "shapes_ood_tune" not in plan["datasets"]
+    assert "shapes_test" not in b.plan_quality(b.build_parser().parse_args(["--validation"]))["datasets"]
+
+
 def test_scale_schedule_scales_every_iteration_count():
     b = load_benchmark_module()
     schedule = {"SOLVER.MAX_ITER": 1500, "SOLVER.STEPS": [1100, 1350], "SOLVER.WARMUP_ITERS": 100,

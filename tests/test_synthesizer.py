@@ -16,9 +16,9 @@ from ood_det.modeling.synthesizer import (
 )
 
 
-def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4):
+def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4, refit_period=1):
     return VirtualOutlierSynthesizer(K, D, queue_size=Q, start_iter=start_iter, num_candidates=N,
-                                     num_samples=S, cov_eps=eps)
+                                     num_samples=S, cov_eps=eps, refit_period=refit_period)
 
 
 def _fifo(syn, k):
@@ -62,6 +62,7 @@ def _exact_stats(syn):
     (dict(N=5, S=6), "MODEL.OOD.NUM_SAMPLES"),
     (dict(S=0), "MODEL.OOD.NUM_SAMPLES"),
     (dict(eps=-1e-3), "MODEL.OOD.COV_EPS"),
+    (dict(refit_period=0), "MODEL.OOD.REFIT_PERIOD"),
     (dict(K=0), "MODEL.ROI_HEADS.NUM_CLASSES"),
 ])
 def test_bad_config_names_the_key(kwargs, key):
@@ -140,6 +141,26 @@ def test_state_dict_round_trip_restores_queues_exactly():
     a = syn.sample(torch.Generator().manual_seed(3))[0]
     b = loaded.sample(torch.Generator().manual_seed(3))[0]
     assert torch.equal(a, b)
+
+
+def test_gaussian_is_refitted_once_every_refit_period_writes():
+    syn = _synth(K=2, D=3, Q=4, refit_period=3)
+    g = torch.Generator().manual_seed(5)
+    syn.enqueue(torch.randn(8, 3, generator=g), torch.arange(2).repeat(4))
+    fitted = syn._gaussian()[0].clone()
+    torch.testing.assert_close(fitted, _exact_stats(syn)[0], rtol=0, atol=1e-12)
+    for write in (1, 2, 3):
+        syn.enqueue(10.0 * write + torch.randn(2, 3, generator=g), torch.tensor([0, 1]))
+        means = syn._gaussian()[0]
+        if write < 3:  # sampling between refits uses the last fit
+            assert torch.equal(means, fitted), write
+        else:  # the third write since the fit triggers a refit from the current queues
+            assert not torch.equal(means, fitted)
+            torch.testing.assert_close(means, _exact_stats(syn)[0], rtol=0, atol=1e-12)
+    # A state_dict load drops the fit: the next sample refits from the loaded queues.
+    fresh = _synth(K=2, D=3, Q=4, refit_period=3)
+    fresh.load_state_dict(syn.state_dict())
+    torch.testing.assert_close(fresh._gaussian()[0], _exact_stats(syn)[0], rtol=0, atol=1e-12)
 
 
 def test_checkpoint_shape_mismatch_names_the_keys():

@@ -96,6 +96,10 @@ TARGETS = {
 #: Colour-blind-safe palette (Okabe & Ito) and hatches, so bars differ in print too.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+# --validation: hyper-parameters are chosen on these, never on shapes_test / shapes_ood
+# (shapes_val stays the calibration split).
+VALIDATION_OPTS = ["DATASETS.TEST", "('shapes_tune',)", "DATASETS.OOD_TEST", "('shapes_ood_tune',)"]
+
 COST_PRESETS = {
     # The VOC head (K=20 classes, 2-FC box head D=1024, VOS's queue / candidates) on the shapes backbone.
     "full": dict(num_classes=20, fc_dim=1024, queue_size=1000, num_candidates=10000, num_samples=1,
@@ -132,6 +136,9 @@ def build_parser():
                    "torch's. 1 avoids thread stalls when other processes share the cores")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep the periodic checkpoints of every run (default: only model_final.pth)")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on the tuning splits (DATASETS.TEST shapes_tune, DATASETS.OOD_TEST "
+                   "shapes_ood_tune) instead of the test splits: for choosing hyper-parameters")
     p.add_argument("--skip-quality", action="store_true", help="no training: the cost part only")
     p.add_argument("--skip-cost", action="store_true", help="no cost measurements")
     c = p.add_argument_group("cost (defaults from --cost-scale)")
@@ -241,7 +248,8 @@ def schedule_opts(schedule):
 def plan_quality(args):
     """Configs, schedules and seeds of the quality part; checks that all methods share a schedule."""
     configs = method_configs(args)
-    info = {m: read_config(c, args.opts) for m, c in configs.items()}
+    opts = [*VALIDATION_OPTS, *args.opts] if args.validation else list(args.opts)  # explicit --opts win
+    info = {m: read_config(c, opts) for m, c in configs.items()}
     base = {m: i[0] for m, i in info.items()}
     if len({json.dumps(s, sort_keys=True) for s in base.values()}) > 1:
         raise SystemExit(f"error: the methods' schedules differ, so they would not compare: {base}")
@@ -258,6 +266,7 @@ def plan_quality(args):
     used = scale_schedule(schedule, scale)
     return {
         "quick": args.quick,
+        "validation": args.validation,
         "methods": list(configs),
         "configs": configs,
         "seeds": args.seeds[:1] if args.quick else list(args.seeds),
@@ -265,7 +274,7 @@ def plan_quality(args):
         "schedule_scale": scale,
         "schedule": used,
         "schedule_opts": schedule_opts(used) if scale != 1.0 else [],
-        "opts": list(args.opts),
+        "opts": opts,
         "device": args.device,
         "threads": args.threads,
         "headline_scores": {m: i[1] for m, i in info.items()},
@@ -546,8 +555,12 @@ def measure_train_step(std, cfl, cfg, s, device):
         sum(losses.values()).backward()
         opt.step()
 
+    # Each repeat covers whole refit periods, so that every repeat pays the same share of refits.
+    period = synth.refit_period
+    per = -(-s["steps"] // period) * period
+
     def run(model):
-        return lambda: [step(model, i) for i in range(s["steps"])]
+        return lambda: [step(model, i) for i in range(per)]
 
     std.train()
     cfl.train()
@@ -557,11 +570,11 @@ def measure_train_step(std, cfl, cfg, s, device):
         step(std, 0), step(cfl, 0)  # warm-up
         t_std, t_cfl, ratios = interleaved(run(std), run(cfl), s["repeats"], device)
         active = synth.ready(start_iter)
-    per = s["steps"]
     out = _pair_result("StandardROIHeads", "EnergyCFLROIHeads", [t / per for t in t_std], [t / per for t in t_cfl],
                        ratios, f"training step (batch {s['batch']})", TARGETS["train_step_ratio"])
     out["synthesis_active"] = active
     out["iteration"] = start_iter
+    out["refit_period"], out["steps_per_repeat"] = period, per
     return out
 
 
@@ -943,13 +956,15 @@ def cost_markdown(cost):
         f"N={st['num_candidates']}, S={st['num_samples']}; {st['config']} backbone at {st['image_size']} px, "
         f"fixed synthetic inputs, {st['repeats']} interleaved repeats, device {st['device']}, "
         f"{st['torch_threads']} torch threads. Training with outlier synthesis active "
-        f"(synthesis_active={tr['synthesis_active']}); inference keeps {inf['boxes_per_image']} boxes per image. "
+        f"(synthesis_active={tr['synthesis_active']}; MODEL.OOD.REFIT_PERIOD={tr.get('refit_period', 1)}, "
+        f"{tr.get('steps_per_repeat', st['steps'])} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image. "
         "Ratios: variant / baseline for time, baseline / variant for speedups.", "",
         format_metrics_table(rows, columns=["measure", "baseline", "variant", "ratio", "target", "met"], titles=titles),
         "",
         f"- Draw = S of N per class for all K classes, the Gaussian already fitted. Step = what a training step "
-        f"pays after enqueueing {syn['fg_features_per_step']} features: refit (class means, covariance, Cholesky; "
-        f"{_mmm(syn['refit_s'], _sec)}, the same for both) + draw. {syn['brute_force_note']}.",
+        f"pays after enqueueing {syn['fg_features_per_step']} features when it refits (class means, covariance, "
+        f"Cholesky; {_mmm(syn['refit_s'], _sec)}, the same for both) + draw; training refits once every "
+        f"MODEL.OOD.REFIT_PERIOD iterations. {syn['brute_force_note']}.",
         f"- Equivalence (D={eq['dim']}, K={eq['num_classes']}, N={eq['num_candidates']}, {eq['draws']} outliers each): "
         f"KS two-sample on the Mahalanobis radius, synthesizer vs brute_force_sample D={eq['ks_statistic']:.4f}, "
         f"p={eq['ks_pvalue']:.3f} (vs brute_force_gemm p={eq['ks_pvalue_gemm']:.3f}); mean radius "

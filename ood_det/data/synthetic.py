@@ -3,15 +3,16 @@
 A seeded generator draws filled shapes on noisy, textured backgrounds and
 writes each split exactly like a real dataset: ``<split>/*.png`` images and
 ``annotations/<split>.json`` in COCO format. In-distribution (ID) splits hold
-only ID classes; the OOD split holds only novel classes, chosen to resemble the
+only ID classes; the OOD splits (``ood`` for testing, ``ood_tune`` for choosing
+hyper-parameters, with the ID split ``tune``) hold only novel classes, chosen to resemble the
 ID ones (a ring looks like a circle, a star like a triangle) so that a plain
 detector fires on them with confidence.
 
 Layout under the dataset root (``$DETECTRON2_DATASETS``, else ``./datasets``)::
 
     shapes/v1-seed<seed>/
-        annotations/{train,val,test,ood}.json
-        {train,val,test,ood}/<image id>.png
+        annotations/{train,val,test,ood,tune,ood_tune}.json
+        {train,val,test,ood,tune,ood_tune}/<image id>.png
 
 Generation is deterministic: same seed and generator version, same bytes.
 """
@@ -51,6 +52,10 @@ SPLITS = {
     "val": SplitSpec(200, False, 1),
     "test": SplitSpec(200, False, 2),
     "ood": SplitSpec(200, True, 3),
+    # For choosing hyper-parameters, so that neither the calibration split ("val") nor the
+    # test splits ("test", "ood") are used for it.
+    "tune": SplitSpec(200, False, 4),
+    "ood_tune": SplitSpec(200, True, 5),
 }
 IMAGE_SIZE = 128
 MAX_OBJECTS = 4

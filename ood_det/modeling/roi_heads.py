@@ -184,6 +184,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
                 num_candidates=ood.NUM_CANDIDATES,
                 num_samples=ood.NUM_SAMPLES,
                 cov_eps=ood.COV_EPS,
+                refit_period=ood.REFIT_PERIOD,
             )
         return ret
 

@@ -228,6 +228,10 @@ class VirtualOutlierSynthesizer(nn.Module):
         num_candidates: N (``MODEL.OOD.NUM_CANDIDATES``).
         num_samples: S <= N (``MODEL.OOD.NUM_SAMPLES``).
         cov_eps: eps added to the covariance diagonal (``MODEL.OOD.COV_EPS``).
+        refit_period: P (``MODEL.OOD.REFIT_PERIOD``): the class means, covariance and
+            its Cholesky factor are refitted once every P writes to the queues (and
+            whenever none is cached); in between, samples come from a Gaussian at most
+            P - 1 writes old. 1 refits after every write.
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         num_candidates: int = 10000,
         num_samples: int = 1,
         cov_eps: float = 1e-4,
+        refit_period: int = 1,
     ):
         super().__init__()
         _require(num_classes >= 1, "MODEL.ROI_HEADS.NUM_CLASSES", num_classes, ">= 1")
@@ -250,9 +255,10 @@ class VirtualOutlierSynthesizer(nn.Module):
         _require(1 <= num_samples <= num_candidates, "MODEL.OOD.NUM_SAMPLES", num_samples,
                  f"in [1, MODEL.OOD.NUM_CANDIDATES={num_candidates}]")
         _require(cov_eps >= 0, "MODEL.OOD.COV_EPS", cov_eps, ">= 0")
+        _require(refit_period >= 1, "MODEL.OOD.REFIT_PERIOD", refit_period, ">= 1")
         self.num_classes, self.feature_dim, self.queue_size = num_classes, feature_dim, queue_size
         self.start_iter, self.num_candidates, self.num_samples = start_iter, num_candidates, num_samples
-        self.cov_eps = cov_eps
+        self.cov_eps, self.refit_period = cov_eps, refit_period
         self.register_buffer("queue", torch.zeros(num_classes, queue_size, feature_dim))
         self.register_buffer("queue_count", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(num_classes, dtype=torch.long))
@@ -260,14 +266,15 @@ class VirtualOutlierSynthesizer(nn.Module):
         self.register_buffer("_sum", torch.zeros(num_classes, feature_dim, dtype=f64), persistent=False)
         self.register_buffer("_outer", torch.zeros(feature_dim, feature_dim, dtype=f64), persistent=False)
         self._stats_stale = False
-        self._gaussian_cache = None  # (means, Cholesky factor) until the queues change
+        self._gaussian_cache = None  # (means, Cholesky factor), refitted every refit_period writes
+        self._writes_since_fit = 0
         self._announced = False
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
                 f"queue_size={self.queue_size}, start_iter={self.start_iter}, "
                 f"num_candidates={self.num_candidates}, num_samples={self.num_samples}, "
-                f"cov_eps={self.cov_eps}")
+                f"cov_eps={self.cov_eps}, refit_period={self.refit_period}")
 
     # ---- queues ----
     @torch.no_grad()
@@ -292,7 +299,7 @@ class VirtualOutlierSynthesizer(nn.Module):
             self._write(features, labels)
 
     def _write(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self._gaussian_cache = None
+        self._writes_since_fit += 1
         counts = torch.bincount(labels, minlength=self.num_classes)
         rank = _rank_within_class(labels, counts)
         skip = (counts - self.queue_size).clamp(min=0)[labels]  # only the last Q of a class fit
@@ -374,8 +381,8 @@ class VirtualOutlierSynthesizer(nn.Module):
         return cov + self.cov_eps * torch.eye(self.feature_dim, dtype=cov.dtype, device=cov.device)
 
     def _gaussian(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(K, D) means and (D, D) Cholesky factor of the covariance, cached until the queues change."""
-        if self._gaussian_cache is None:
+        """(K, D) means and (D, D) Cholesky factor of the covariance, refitted every refit_period writes."""
+        if self._gaussian_cache is None or self._writes_since_fit >= self.refit_period:
             factor, info = torch.linalg.cholesky_ex(self.covariance())
             if int(info) != 0:
                 raise RuntimeError(
@@ -383,6 +390,7 @@ class VirtualOutlierSynthesizer(nn.Module):
                     "degenerate or training is diverging; lower SOLVER.BASE_LR, or raise MODEL.OOD.COV_EPS "
                     f"(now {self.cov_eps})")
             self._gaussian_cache = (self.class_means(), factor)
+            self._writes_since_fit = 0
         return self._gaussian_cache
 
     # ---- sampling ----
