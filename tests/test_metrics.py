@@ -307,6 +307,35 @@ def test_cli_min_confidence_and_alias(tool, score_files, tmp_path):
                    **ood_metrics(ida["rep_score"][keep_i], ooda["rep_score"][keep_o])}
 
 
+def test_cli_rep_weight_recomputes_the_combined_score(tool, score_files, tmp_path, capsys):
+    (id_path, ida), (ood_path, ooda) = score_files["id"], score_files["ood"]
+    out = tmp_path / "w.json"
+    assert tool.main(["--id", id_path, "--ood", ood_path, "--score", "energy", "--min-confidence", "0.3",
+                      "--rep-weight", "0", "0.5", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["score"] for r in rows] == ["energy", "combined_w0", "combined_w0.5", "combined_w2"]
+    # w = 0: a standardized energy, so every ranking metric equals the energy row's.
+    for key in ("fpr95", "auroc", "aupr_in", "aupr_out", "num_id", "num_ood"):
+        assert rows[1][key] == pytest.approx(rows[0][key], abs=1e-12), key
+    # w = 2, by hand: both terms standardized with the mean / unbiased std of the kept ID boxes.
+    ki, ko = ida["scores"] >= 0.3, ooda["scores"] >= 0.3
+    ne_i, r_i = -ida["energy"][ki], ida["rep_score"][ki]
+
+    def by_hand(ne, rep):
+        return (ne - ne_i.mean()) / ne_i.std(ddof=1) + 2.0 * (rep - r_i.mean()) / r_i.std(ddof=1)
+
+    want = ood_metrics(by_hand(ne_i, r_i), by_hand(-ooda["energy"][ko], ooda["rep_score"][ko]))
+    for key in ("fpr95", "auroc", "aupr_in", "aupr_out", "num_id", "num_ood"):
+        assert rows[3][key] == pytest.approx(want[key], abs=1e-6), key
+    assert rows[2]["auroc"] != rows[1]["auroc"]  # the representation term changes the ranking
+    assert "combined_w0.5" in capsys.readouterr().out
+
+    no_rep = tmp_path / "no_rep.npz"
+    np.savez(no_rep, energy=np.zeros(3))
+    assert tool.main(["--id", id_path, "--ood", str(no_rep), "--score", "energy", "--rep-weight", "1"]) == 2
+    assert "has no array 'rep_score'" in capsys.readouterr().err
+
+
 def test_cli_errors(tool, score_files, tmp_path, capsys):
     id_path, ood_path = score_files["id"][0], score_files["ood"][0]
     missing = str(tmp_path / "nope.npz")

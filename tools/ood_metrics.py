@@ -5,6 +5,8 @@ Usage::
 
     tools/ood_metrics.py --id ood_scores_shapes_test.npz --ood ood_scores_shapes_ood.npz
     tools/ood_metrics.py --id ID.npz --ood OOD1.npz OOD2.npz --score all --json results.json
+    tools/ood_metrics.py --id ood_scores_shapes_tune.npz --ood ood_scores_shapes_ood_tune.npz \
+        --score energy --rep-weight 0.25 0.5 1 2
 
 Score files
 -----------
@@ -31,6 +33,13 @@ want higher = more in-distribution):
 - ``representation`` (alias ``rep_score``): ``rep_score``
 - ``all``: one row for each of the above that both files hold.
 
+``--rep-weight W [W ...]`` adds one row per weight W: the combined score
+recomputed from ``energy`` and ``rep_score`` with ``MODEL.OOD.REP_SCORE_WEIGHT``
+= W (``ood_det.modeling.scores.combined_id_score``). Both terms are
+standardized with the mean and std of the ``--id`` file's kept boxes (the
+model's stored calibration statistics are not in the files), so run it on
+validation files to choose W, never on test files.
+
 The boxes of the ``--id`` file are the positives, those of each ``--ood`` file
 the negatives; see ``ood_det.evaluation.metrics`` for the metric definitions.
 The table prints percentages; ``--json`` writes fractions (atomically:
@@ -45,7 +54,10 @@ import sys
 
 import numpy as np
 
+import torch
+
 from ood_det.evaluation.metrics import METRIC_KEYS, format_metrics_table, ood_metrics
+from ood_det.modeling.scores import combined_id_score, compute_score_stats
 from ood_det.utils import atomic_write
 
 #: ``--score`` name -> (array key in the .npz, sign that makes higher = more ID)
@@ -114,8 +126,24 @@ def wanted_scores(name, id_arrays, ood_arrays):
     return found
 
 
-def compute(id_path, ood_paths, score="combined", min_confidence=None):
-    """Metric rows, one per (OOD file, score)."""
+def reweighted(id_arrays, id_path, ood_arrays, ood_paths, weights, min_confidence=None):
+    """(name, id scores, [ood scores]) of the combined score for each representation weight."""
+    id_neg_energy = select(id_arrays, id_path, "energy", min_confidence)
+    id_rep = select(id_arrays, id_path, "representation", min_confidence)
+    if len(id_rep) < 2:
+        raise InputError(f"--rep-weight: {id_path} keeps {len(id_rep)} boxes; standardizing needs at least 2")
+    stats = compute_score_stats(torch.from_numpy(id_neg_energy), torch.from_numpy(id_rep))
+    ood_terms = [(torch.from_numpy(select(a, p, "energy", min_confidence)),
+                  torch.from_numpy(select(a, p, "representation", min_confidence)))
+                 for a, p in zip(ood_arrays, ood_paths)]
+    id_terms = (torch.from_numpy(id_neg_energy), torch.from_numpy(id_rep))
+    for w in weights:
+        yield (f"combined_w{w:g}", combined_id_score(*id_terms, stats, w, "combined").numpy(),
+               [combined_id_score(ne, rep, stats, w, "combined").numpy() for ne, rep in ood_terms])
+
+
+def compute(id_path, ood_paths, score="combined", min_confidence=None, rep_weights=()):
+    """Metric rows, one per (OOD file, score), then one per (OOD file, representation weight)."""
     id_arrays = load_scores(id_path, "in-distribution")
     ood_arrays = [load_scores(p, "OOD") for p in ood_paths]
     rows = []
@@ -130,6 +158,14 @@ def compute(id_path, ood_paths, score="combined", min_confidence=None):
                     f"--score {s}, ID {id_path}, OOD {path}: {e}"
                 ) from e
             rows.append({"ood": path, "score": s, **metrics})
+    if rep_weights:
+        for name, id_scores, ood_scores in reweighted(id_arrays, id_path, ood_arrays, ood_paths,
+                                                      rep_weights, min_confidence):
+            for path, values in zip(ood_paths, ood_scores):
+                try:
+                    rows.append({"ood": path, "score": name, **ood_metrics(id_scores, values)})
+                except ValueError as e:
+                    raise InputError(f"--rep-weight, ID {id_path}, OOD {path}: {e}") from e
     return rows
 
 
@@ -156,6 +192,9 @@ def build_parser():
     p.add_argument("--min-confidence", type=float, default=None, metavar="C",
                    help="keep only boxes whose detection confidence 'scores' is >= C "
                         "(default: every box in the files)")
+    p.add_argument("--rep-weight", type=float, nargs="+", default=[], metavar="W",
+                   help="also evaluate the combined score recomputed with MODEL.OOD.REP_SCORE_WEIGHT = W, "
+                        "standardized on the --id file's boxes (for choosing W on validation files)")
     p.add_argument("--json", metavar="OUT", default=None,
                    help="also write the results (fractions) to this JSON file")
     return p
@@ -164,7 +203,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        rows = compute(args.id, args.ood, args.score, args.min_confidence)
+        rows = compute(args.id, args.ood, args.score, args.min_confidence, args.rep_weight)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -174,6 +213,7 @@ def main(argv=None):
         payload = {
             "id": args.id,
             "min_confidence": args.min_confidence,
+            "rep_weights": args.rep_weight,
             "results": rows,
         }
         write_json_atomic(args.json, payload)
