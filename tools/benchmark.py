@@ -956,8 +956,8 @@ def cost_markdown(cost):
         f"N={st['num_candidates']}, S={st['num_samples']}; {st['config']} backbone at {st['image_size']} px, "
         f"fixed synthetic inputs, {st['repeats']} interleaved repeats, device {st['device']}, "
         f"{st['torch_threads']} torch threads. Training with outlier synthesis active "
-        f"(synthesis_active={tr['synthesis_active']}; MODEL.OOD.REFIT_PERIOD={tr.get('refit_period', 1)}, "
-        f"{tr.get('steps_per_repeat', st['steps'])} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image. "
+        f"(synthesis_active={tr['synthesis_active']}; MODEL.OOD.REFIT_PERIOD={tr['refit_period']}, "
+        f"{tr['steps_per_repeat']} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image. "
         "Ratios: variant / baseline for time, baseline / variant for speedups.", "",
         format_metrics_table(rows, columns=["measure", "baseline", "variant", "ratio", "target", "met"], titles=titles),
         "",
