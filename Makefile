@@ -3,10 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= shapes_energy_cfl.yaml
 DEMO_OUTPUT ?= output/demo
-# Where the synthetic shapes are generated (detectron2's convention: $DETECTRON2_DATASETS, else ./datasets).
-SHAPES := $(or $(DETECTRON2_DATASETS),datasets)/shapes/v1-seed0
+# Where the synthetic shapes are generated (detectron2's convention: $DETECTRON2_DATASETS, else ./datasets);
+# expanded when a recipe runs, after `setup`.
+SHAPES = $(shell $(PY) -c "from ood_det.data.synthetic import shapes_dir; print(shapes_dir())" 2>/dev/null)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup:  ## create .venv and install torch, detectron2 and ood_det (idempotent)
 	bash scripts/setup_env.sh
@@ -20,6 +21,9 @@ demo: setup  ## train on the synthetic shapes on CPU, calibrate, evaluate, draw 
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q tests
+
+lint: setup  ## lint and import order (ruff, configured in ruff.toml)
+	$(PY) -m ruff check .
 
 clean:  ## remove outputs (the venv and generated datasets stay)
 	rm -rf output

@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="ood_det",
-    version="0.1.0",
+    version="0.2.0",
     description="Energy + Cluster-Focal-Loss out-of-distribution object detection for Detectron2",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
@@ -24,6 +24,6 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn", "scipy"],
+        "test": ["pytest>=7", "scikit-learn", "scipy", "ruff>=0.6"],
     },
 )

@@ -24,7 +24,11 @@ Conventions:
   dropped and counted.
 - Every frame of a label file is an image, labelled or not. Image ids are
   1-based positions in the label file. Image sizes are read from the image
-  headers, or given once with ``--image-size 1280x720`` (every BDD100K image).
+  headers (turned by their EXIF orientation, as detectron2 turns the pixels),
+  or given once with ``--image-size 1280x720`` (every BDD100K image), which
+  trusts that size and reads no header.
+- Missing images: listed, and nothing is written, unless ``--allow-missing``
+  (which needs ``--image-size``: a missing file has no header to read).
 - Calibration split: see ``ood_det.data.prepare_common`` (key = file name).
 
 See datasets/README.md, section "BDD100K".
@@ -81,7 +85,7 @@ def convert(label_file: Path, image_dir: Path, image_size, dropped: Counter):
     for i, frame in enumerate(frames):
         if not isinstance(frame, dict) or "name" not in frame:
             raise DatasetError(f"{label_file}: frame {i} has no 'name'; is it a BDD100K detection label file?")
-        width, height = image_size or pc.image_size(image_dir / frame["name"])
+        width, height = image_size or pc.image_size(image_dir / frame["name"]) or (None, None)
         images.append({"id": i + 1, "file_name": frame["name"], "width": width, "height": height})
         for label in frame.get("labels") or []:
             if not isinstance(label, dict):
@@ -131,6 +135,8 @@ def prepare(args, report):
         "bdd100k_calib": pc.subset(train, calib_ids, f"BDD100K train, calibration split ({rule})"),
         "bdd100k_val": val,
     }
+    sets = [(coco["images"], root / REAL_DATASETS[name].image_root) for name, coco in outputs.items()]
+    pc.check_images(root, sets, args.allow_missing, report, size_hint=", or pass --image-size 1280x720")
     blobs = {name: pc.coco_bytes(coco) for name, coco in outputs.items()}
     for name, data in blobs.items():
         report.write(prepared_json(root, name), data)
@@ -156,9 +162,11 @@ def build_parser():
     parser.add_argument(
         "--image-size",
         type=parse_size,
-        help="WIDTHxHEIGHT of every image (1280x720 for BDD100K) instead of reading each image header",
+        help="WIDTHxHEIGHT of every image (1280x720 for BDD100K) instead of reading each image header "
+        "(which honours an EXIF orientation)",
     )
     pc.add_calibration_args(parser, "bdd100k_calib")
+    pc.add_allow_missing_arg(parser)
     return parser
 
 

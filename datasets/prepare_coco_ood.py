@@ -21,6 +21,10 @@ and writes ``prepared/coco_ood_val.json`` (OOD w.r.t. VOC) and
   no annotation are kept. The kept images, their annotations and the 80
   categories are copied unchanged. The literature's files were built by the
   same rule and then cleaned by hand, so this gives more images than theirs.
+- Image sizes are those of the json (the literature's or COCO's); no image
+  header is read.
+- Missing images of val2017: listed, and nothing is written, unless
+  ``--allow-missing``.
 
 See datasets/README.md, section "COCO-OOD".
 """
@@ -93,6 +97,8 @@ def prepare(args, report):
             origin = f"filtered from {instances_file}"
         outputs[name] = (coco, data, origin, literature_count, target)
 
+    sets = [(coco["images"], root / REAL_DATASETS[name].image_root) for name, (coco, *_rest) in outputs.items()]
+    pc.check_images(root, sets, args.allow_missing, report)
     for name, (_, data, *_rest) in outputs.items():
         report.write(prepared_json(root, name), data)
     for name, (coco, _, origin, literature_count, target) in outputs.items():
@@ -125,6 +131,7 @@ def build_parser():
         action="store_true",
         help="build from instances_val2017.json even where the literature's rm_overlap file is present",
     )
+    pc.add_allow_missing_arg(parser)
     return parser
 
 

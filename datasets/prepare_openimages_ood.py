@@ -16,12 +16,18 @@ ImageID per line). Writes ``prepared/openimages_ood_val.json``, registered as
 
 - Images: the ids of ``--image-ids``, else those of the literature's json,
   else every ``.jpg`` of the images folder. Image id = the OpenImages ImageID
-  (a string, as in the literature's file); sizes come from the image headers.
+  (a string, as in the literature's file). Sizes come from the image headers,
+  turned by their EXIF orientation as detectron2 turns the pixels, except
+  when the literature's json is used as-is (its own sizes).
+- Missing images: listed, and nothing is written, unless ``--allow-missing``
+  (not when the sizes must come from the missing files).
 - With ``--annotations-csv``: a COCO json with the boxes of those images.
   Categories are the OpenImages display names present, alphabetical, ids 1..N.
   Boxes: x = XMin * W, w = XMax * W - XMin * W (same for y); ``IsGroupOf``
   boxes get ``iscrowd: 1``. ``--drop-overlap voc bdd`` removes the images that
-  hold an in-distribution class.
+  hold an in-distribution class. An image with no row in the CSVs cannot be
+  checked for in-distribution objects (it is often one of another OpenImages
+  split): it is refused unless ``--allow-unannotated``.
 - Without it: the literature's json, if present and no ``--image-ids`` is
   given, is validated and used as-is (its exact bytes); otherwise an
   images-only json is written, like the literature's.
@@ -106,7 +112,7 @@ def read_boxes(csv_files, ids: set) -> list:
 def images_of(ids, image_dir: Path) -> list:
     images = []
     for image_id in ids:
-        width, height = pc.image_size(image_dir / f"{image_id}.jpg")
+        width, height = pc.image_size(image_dir / f"{image_id}.jpg") or (None, None)
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})
     return images
 
@@ -148,44 +154,83 @@ def drop_overlap(coco: dict, id_sets, report) -> dict:
     return pc.subset(coco, keep, coco["info"]["description"] + f", without images of {'/'.join(id_sets)} classes")
 
 
+def image_list(args, literature: Path, image_dir: Path):
+    """(sorted ImageIDs, where they come from, the literature's json or None)."""
+    if args.image_ids:
+        return read_image_ids(Path(args.image_ids)), f"image id list {args.image_ids}", None
+    if literature.is_file():
+        lit = pc.read_json(literature, "literature OpenImages-OOD json")
+        pc.validate_coco(lit, literature)
+        return sorted({Path(im["file_name"]).stem for im in lit["images"]}), f"images of {literature}", lit
+    if image_dir.is_dir() and any(image_dir.glob("*.jpg")):
+        return sorted(p.stem for p in image_dir.glob("*.jpg")), f"every .jpg under {image_dir}", None
+    raise DatasetError(
+        f"no OpenImages-OOD source: neither {literature} nor images under {image_dir}; "
+        "download the literature's set, or pass --image-ids (and --annotations-csv)"
+    )
+
+
+def check_annotated(ids, rows, csv_files, allow: bool, report) -> None:
+    """Refuse images with no row in the CSVs unless ``allow``: nothing could show an in-distribution object in them."""
+    annotated = {r[0] for r in rows}
+    bare = [i for i in ids if i not in annotated]
+    if not bare:
+        return
+    what = (
+        f"{len(bare)} of {len(ids)} images have no row in {', '.join(p.name for p in csv_files)} "
+        f"({pc.listing(f'{i}.jpg' for i in bare)})"
+    )
+    if not allow:
+        raise DatasetError(
+            f"{what}, so they cannot be checked for in-distribution objects; pass the annotation CSV of their "
+            "OpenImages split too, or --allow-unannotated to keep them without boxes"
+        )
+    report.say(f"warning: {what}; kept without boxes and unchecked (--allow-unannotated)")
+
+
+def from_csv(args, ids, image_dir: Path, root: Path, report) -> dict:
+    """The COCO json of ``ids`` with their boxes from the annotation CSVs (optionally without ID images)."""
+    names = read_class_descriptions(Path(args.class_descriptions) if args.class_descriptions else None)
+    csv_files = [Path(p) for p in args.annotations_csv]
+    rows = read_boxes(csv_files, set(ids))
+    check_annotated(ids, rows, csv_files, args.allow_unannotated, report)
+    images = images_of(ids, image_dir)
+    pc.check_images(root, [(images, image_dir)], args.allow_missing, report)
+    coco = build_with_boxes(images, rows, names, ", ".join(p.name for p in csv_files))
+    return drop_overlap(coco, args.drop_overlap, report) if args.drop_overlap else coco
+
+
+def check_flags(args) -> None:
+    for flag, value in (("--drop-overlap", args.drop_overlap), ("--allow-unannotated", args.allow_unannotated)):
+        if value and not args.annotations_csv:
+            raise DatasetError(f"{flag} needs the box annotations: pass --annotations-csv and --class-descriptions")
+
+
 def prepare(args, report):
     root = Path(args.root)
     image_dir = root / REAL_DATASETS[NAME].image_root
     literature = root / LITERATURE_JSON
-    if args.drop_overlap and not args.annotations_csv:
-        raise DatasetError("--drop-overlap needs the box annotations: pass --annotations-csv and --class-descriptions")
-
-    if args.image_ids:
-        ids, id_source = read_image_ids(Path(args.image_ids)), f"image id list {args.image_ids}"
-    elif literature.is_file():
-        lit = pc.read_json(literature, "literature OpenImages-OOD json")
-        pc.validate_coco(lit, literature)
-        ids, id_source = sorted({Path(im["file_name"]).stem for im in lit["images"]}), f"images of {literature}"
-    elif image_dir.is_dir() and any(image_dir.glob("*.jpg")):
-        ids, id_source = sorted(p.stem for p in image_dir.glob("*.jpg")), f"every .jpg under {image_dir}"
-    else:
-        raise DatasetError(
-            f"no OpenImages-OOD source: neither {literature} nor images under {image_dir}; "
-            "download the literature's set, or pass --image-ids (and --annotations-csv)"
-        )
-
+    check_flags(args)
+    ids, id_source, lit = image_list(args, literature, image_dir)
     if args.annotations_csv:
-        names = read_class_descriptions(Path(args.class_descriptions) if args.class_descriptions else None)
-        csv_files = [Path(p) for p in args.annotations_csv]
-        rows = read_boxes(csv_files, set(ids))
-        coco = build_with_boxes(images_of(ids, image_dir), rows, names, ", ".join(p.name for p in csv_files))
-        if args.drop_overlap:
-            coco = drop_overlap(coco, args.drop_overlap, report)
+        coco = from_csv(args, ids, image_dir, root, report)
         data, origin = pc.coco_bytes(coco), f"{id_source}, boxes from the annotation CSVs"
-    elif not args.image_ids and literature.is_file():
+    elif lit is not None:
+        pc.check_images(root, [(lit["images"], image_dir)], args.allow_missing, report)
         coco, data, origin = lit, literature.read_bytes(), f"literature file {literature} (validated, used as-is)"
     else:
-        coco = pc.coco_dict("OpenImages-OOD images (no boxes)", images_of(ids, image_dir), [], [])
+        images = images_of(ids, image_dir)
+        pc.check_images(root, [(images, image_dir)], args.allow_missing, report)
+        coco = pc.coco_dict("OpenImages-OOD images (no boxes)", images, [], [])
         data, origin = pc.coco_bytes(coco), f"{id_source}, without boxes"
 
     report.write(prepared_json(root, NAME), data)
     report.check(NAME, coco, image_dir)
     report.say(f"  source: {origin}", f"  literature count: {LITERATURE_COUNT} images")
+    overlap_check(coco, report)
+
+
+def overlap_check(coco: dict, report) -> None:
     if not coco.get("annotations"):
         report.say(
             "  overlap check: the json holds no box annotations, so nothing to check; pass --annotations-csv "
@@ -194,6 +239,10 @@ def prepare(args, report):
         return
     for id_set in ("voc", "bdd"):
         report.say(*pc.id_overlap_lines(pc.id_overlap(coco, TO_OPENIMAGES[id_set]), id_set.upper()))
+    boxed = {a["image_id"] for a in coco["annotations"]}
+    unchecked = [im["file_name"] for im in coco["images"] if im["id"] not in boxed]
+    if unchecked:
+        report.say(f"  not checked (no annotation row): {len(unchecked)} images, {pc.listing(unchecked)}")
 
 
 def build_parser():
@@ -213,6 +262,13 @@ def build_parser():
         default=[],
         help="remove the images whose boxes show a class of these in-distribution sets (needs --annotations-csv)",
     )
+    parser.add_argument(
+        "--allow-unannotated",
+        action="store_true",
+        help="keep images that have no row in the annotation CSVs, without boxes and unchecked for "
+        "in-distribution objects (with a warning); by default the script lists them and writes nothing",
+    )
+    pc.add_allow_missing_arg(parser)
     return parser
 
 

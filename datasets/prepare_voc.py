@@ -16,8 +16,16 @@ Conventions:
 - Boxes: VOC's xmin..xmax are 1-based inclusive pixel indices; the box covers
   the continuous interval [xmin - 1, xmax], so COCO x = xmin - 1 and
   w = xmax - xmin + 1 (same for y; detectron2's pascal_voc loader agrees).
-- ``difficult`` objects are kept with ``iscrowd: 1``: COCO evaluation ignores
-  detections matching them, and detectron2 leaves them out of training.
+- ``difficult`` objects: ``--difficult keep`` (default) writes them as
+  ordinary boxes (``iscrowd: 0``), as the OOD-detection literature (VOS) does,
+  so the published numbers compare; ``--difficult crowd`` writes ``iscrowd: 1``
+  (COCO evaluation then ignores detections matching them, and detectron2
+  leaves them out of training), the usual VOC evaluation.
+- Image sizes: those of the JPEG as detectron2 will load it (header size
+  turned by the EXIF orientation), or the XML's ``<size>`` when the JPEG is
+  missing (``--allow-missing``) or the XML has no size. A JPEG whose size
+  disagrees with its XML is refused: its boxes would not fall on the objects.
+- Missing JPEGs: listed, and nothing is written, unless ``--allow-missing``.
 - Image id: year * 10**6 + number (``VOC2007/000005`` -> 2007000005,
   ``2008_000008`` -> 2008000008), the same in every json.
 - Calibration split: see ``ood_det.data.prepare_common`` (key = file name).
@@ -28,6 +36,7 @@ import argparse
 import re
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -58,8 +67,8 @@ def _text(node, path, xml_file):
     return found.text.strip()
 
 
-def parse_xml(xml_file: Path, root: Path, file_name: str):
-    """(width, height, [(class id, difficult, x, y, w, h)]) of one VOC annotation file."""
+def parse_xml(xml_file: Path, root: Path):
+    """((width, height) or None, [(class id, difficult, x, y, w, h)]) of one VOC annotation file."""
     try:
         tree = ET.parse(xml_file).getroot()
     except FileNotFoundError:
@@ -72,9 +81,28 @@ def parse_xml(xml_file: Path, root: Path, file_name: str):
         objects = [_parse_object(obj, xml_file) for obj in tree.findall("object")]
     except ValueError as e:
         raise DatasetError(f"{xml_file}: non-numeric size, box or difficult value ({e}); download it again") from None
-    if width <= 0 or height <= 0:  # a few files lack <size>: the image header has it
-        width, height = pc.image_size(root / file_name)
-    return width, height, objects
+    # a few files lack <size>: the image header has it
+    return ((width, height) if width > 0 and height > 0 else None), objects
+
+
+def jpeg_size(root: Path, file_name: str, xml_size, mismatches: list):
+    """The size detectron2 will see (JPEG header, EXIF-turned), else the XML's; disagreements go to ``mismatches``."""
+    header = pc.image_header(root / file_name)
+    if header is None:
+        return xml_size or (None, None)
+    shown = pc.displayed_size(header)
+    if xml_size and xml_size != shown:
+        turned = f" after EXIF orientation {header[2]}" if shown != header[:2] else ""
+        mismatches.append(f"{file_name} is {shown[0]}x{shown[1]}{turned}, its XML says {xml_size[0]}x{xml_size[1]}")
+    return shown
+
+
+def check_sizes(mismatches: list) -> None:
+    if mismatches:
+        raise DatasetError(
+            f"{len(mismatches)} JPEGs do not have the size of their XML annotation ({pc.listing(mismatches, 3)}), "
+            "so their boxes would not fall on the objects; replace them with the original files of the VOC tar files"
+        )
 
 
 def _parse_object(obj, xml_file):
@@ -89,7 +117,16 @@ def _parse_object(obj, xml_file):
     return VOC_CLASSES.index(name) + 1, difficult, xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1
 
 
-def read_split(root: Path, year: str, split: str):
+@dataclass
+class Reading:
+    """The --difficult choice, and what reading the XML files finds on the way (reported or refused later)."""
+
+    difficult_as_crowd: bool
+    difficult: int = 0
+    mismatches: list = field(default_factory=list)
+
+
+def read_split(root: Path, year: str, split: str, reading: Reading):
     """COCO images and annotations (ids to be assigned) of VOC<year> ImageSets/Main/<split>.txt."""
     list_file = root / f"VOC{year}" / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
@@ -98,13 +135,15 @@ def read_split(root: Path, year: str, split: str):
     images, annotations = [], []
     for stem in stems:
         file_name = f"VOC{year}/JPEGImages/{stem}.jpg"
-        xml_file = root / f"VOC{year}" / "Annotations" / f"{stem}.xml"
-        width, height, objects = parse_xml(xml_file, root, file_name)
+        xml_size, objects = parse_xml(root / f"VOC{year}" / "Annotations" / f"{stem}.xml", root)
+        width, height = jpeg_size(root, file_name, xml_size, reading.mismatches)
         iid = image_id(year, stem)
         images.append({"id": iid, "file_name": file_name, "width": width, "height": height})
         for cat, difficult, x, y, w, h in objects:
+            reading.difficult += bool(difficult)
+            crowd = int(difficult and reading.difficult_as_crowd)
             annotations.append(
-                {"image_id": iid, "category_id": cat, "bbox": [x, y, w, h], "area": w * h, "iscrowd": difficult}
+                {"image_id": iid, "category_id": cat, "bbox": [x, y, w, h], "area": w * h, "iscrowd": crowd}
             )
     return images, annotations
 
@@ -119,40 +158,50 @@ def build(images, annotations, description):
     return pc.coco_dict(description, images, anns, pc.categories(VOC_CLASSES))
 
 
-def prepare(args, report):
-    root = Path(args.root)
-    pc.check_fraction(args.calib_fraction)
+def convert(root: Path, args, reading: Reading) -> dict:
+    """The three COCO dicts of the module docstring, by output name."""
     trainval_images, trainval_anns = [], []
     for year in ("2007", "2012"):
-        images, anns = read_split(root, year, "trainval")
+        images, anns = read_split(root, year, "trainval", reading)
         trainval_images += images
         trainval_anns += anns
-    test_images, test_anns = read_split(root, "2007", "test")
+    test_images, test_anns = read_split(root, "2007", "test", reading)
+    check_sizes(reading.mismatches)
 
     fraction, seed = args.calib_fraction, args.calib_seed
     calib_ids = {im["id"] for im in trainval_images if pc.in_calibration_split(im["file_name"], fraction, seed)}
     train_ids = {im["id"] for im in trainval_images} - calib_ids
     rule = f"calibration rule: fraction {fraction}, seed {seed}"
     trainval = build(trainval_images, trainval_anns, "VOC 2007+2012 trainval")
-    outputs = {
+    return {
         "voc0712_train": pc.subset(trainval, train_ids, f"VOC 07+12 trainval minus calibration ({rule})"),
         "voc0712_val": pc.subset(trainval, calib_ids, f"VOC 07+12 trainval, calibration split ({rule})"),
         "voc_2007_test": build(test_images, test_anns, "VOC 2007 test"),
     }
+
+
+def prepare(args, report):
+    root = Path(args.root)
+    pc.check_fraction(args.calib_fraction)
+    reading = Reading(difficult_as_crowd=args.difficult == "crowd")
+    outputs = convert(root, args, reading)
+    pc.check_images(root, [(coco["images"], root) for coco in outputs.values()], args.allow_missing, report)
     blobs = {name: pc.coco_bytes(coco) for name, coco in outputs.items()}
     for name, data in blobs.items():
         report.write(prepared_json(root, name), data)
 
     for name, coco in outputs.items():
         report.check(name, coco, root)
-    n_train, n_cal = len(outputs["voc0712_train"]["images"]), len(outputs["voc0712_val"]["images"])
+    train, calib = ({im["id"] for im in outputs[n]["images"]} for n in ("voc0712_train", "voc0712_val"))
     report.say(
         "[check] splits",
-        f"  train {n_train} + calibration {n_cal} = {n_train + n_cal} trainval images "
-        f"(literature: {LITERATURE['trainval']}); test {len(test_images)} (literature: {LITERATURE['test']})",
-        "  train and calibration share no image: "
-        + ("yes" if not calib_ids & {im["id"] for im in outputs["voc0712_train"]["images"]} else "NO"),
+        f"  train {len(train)} + calibration {len(calib)} = {len(train) + len(calib)} trainval images "
+        f"(literature: {LITERATURE['trainval']}); test {len(outputs['voc_2007_test']['images'])} "
+        f"(literature: {LITERATURE['test']})",
+        "  train and calibration share no image: " + ("NO" if train & calib else "yes"),
     )
+    how = "iscrowd 1, ignored by COCO evaluation" if reading.difficult_as_crowd else "ordinary boxes, as in VOS"
+    report.say(f"[check] difficult objects: {reading.difficult}, written as {how} (--difficult {args.difficult})")
 
 
 def build_parser():
@@ -162,6 +211,15 @@ def build_parser():
     )
     pc.add_root_arg(parser, "VOC2007/ and VOC2012/")
     pc.add_calibration_args(parser, "voc0712_val")
+    parser.add_argument(
+        "--difficult",
+        choices=("keep", "crowd"),
+        default="keep",
+        help="VOC 'difficult' objects: 'keep' writes them as ordinary boxes (iscrowd 0), as the OOD-detection "
+        "literature (VOS) does; 'crowd' writes iscrowd 1, so COCO evaluation ignores them and detectron2 leaves "
+        "them out of training (default: %(default)s)",
+    )
+    pc.add_allow_missing_arg(parser)
     return parser
 
 

@@ -30,6 +30,7 @@ import glob
 import logging
 import os
 import pickle
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
@@ -55,9 +56,15 @@ def _strip(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
+#: Entries that only an EnergyCFLOutputLayers has (``calibration.`` in older checkpoints).
+OOD_PREFIXES = tuple(PREDICTOR + p for p in ("scorer.", "calibration.", "centers", "synthesizer."))
+#: Training-only state, unused at inference.
+TRAINING_ONLY = PREDICTOR + "synthesizer."
+
+
 def is_ood_checkpoint(state_dict) -> bool:
-    """Whether ``state_dict`` holds an EnergyCFLOutputLayers (e.g. its class centers)."""
-    return any(_strip(k).startswith(PREDICTOR + "centers") for k in state_dict)
+    """Whether ``state_dict`` holds an EnergyCFLOutputLayers (its scorer, calibration or centers)."""
+    return any(_strip(k).startswith(OOD_PREFIXES) for k in state_dict)
 
 
 def mismatched_predictor_keys(model_state, ckpt_state):
@@ -164,7 +171,17 @@ def _fsync_dir(folder: str) -> None:
 
 class OODCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that refuses an OOD checkpoint of other classes or sizes,
-    writes checkpoints atomically and never runs code from a checkpoint it reads."""
+    writes checkpoints atomically and never runs code from a checkpoint it reads.
+
+    A plain detector's checkpoint (``StandardROIHeads``) loads into a vanilla-mode
+    ``EnergyCFLROIHeads`` as it is, to be scored post hoc. With ``inference_only=True``
+    training-only state (the outlier queues) is not read, so a checkpoint trained with
+    another ``MODEL.OOD.QUEUE_SIZE`` serves as well.
+    """
+
+    def __init__(self, model, save_dir="", *, inference_only: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.inference_only = inference_only
 
     def save(self, name: str, **kwargs) -> None:
         """Like fvcore's ``Checkpointer.save``, but atomic: see the module docstring."""
@@ -206,6 +223,8 @@ class OODCheckpointer(DetectionCheckpointer):
         _fsync_dir(self.save_dir)
 
     def load(self, path, *args, **kwargs):
+        """fvcore's ``load``; ``path`` may end in ``?matching_heuristics=True`` (as on detectron2 main)."""
+        path, self._matching_heuristics = _split_query(path) if path else (path, False)
         self._loading = path
         if path and _is_local(path) and not os.path.isfile(path):
             tag = os.path.join(self.save_dir or "", "last_checkpoint")
@@ -215,7 +234,13 @@ class OODCheckpointer(DetectionCheckpointer):
             else:
                 hint = "check MODEL.WEIGHTS"
             raise CheckpointError(f"checkpoint {path} not found; {hint}")
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # detectron2 main keeps the URL being loaded here and asserts it is unset when a
+            # load starts; a load that failed would leave it set and break every later one.
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):
@@ -228,10 +253,16 @@ class OODCheckpointer(DetectionCheckpointer):
                 raise CheckpointError(f"{filename}: a pycls .pyth checkpoint must hold 'model_state'")
             state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
-        return data if "model" in data else {"model": data}
+        data = data if "model" in data else {"model": data}
+        if getattr(self, "_matching_heuristics", False):
+            data["matching_heuristics"] = True
+        return data
 
     def _load_model(self, checkpoint):
         state = checkpoint.get("model", {})
+        own = {_strip(k): v for k, v in self.model.state_dict().items()}
+        if self.inference_only:
+            _take_own(state, own, lambda k: k.startswith(TRAINING_ONLY))
         if is_ood_checkpoint(state):
             bad = mismatched_predictor_keys(self.model.state_dict(), state)
             if bad:
@@ -240,7 +271,45 @@ class OODCheckpointer(DetectionCheckpointer):
                     f"checkpoint {getattr(self, '_loading', '?')} does not fit this model ({listed}); "
                     f"set {SHAPE_KEYS} as they were when it was trained"
                 )
+        elif state and getattr(self._box_predictor(), "mode", None) == "vanilla":
+            self._serve_plain_detector(state, own)
         return super()._load_model(checkpoint)
+
+    def _box_predictor(self):
+        model = getattr(self.model, "module", self.model)
+        return getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+
+    def _serve_plain_detector(self, state, own) -> None:
+        """A checkpoint without OOD head state into a vanilla-mode head: the model's own scorer
+        (uncalibrated) stays, and one line says what its boxes carry."""
+        _take_own(state, own, lambda k: k.startswith(PREDICTOR + "scorer."))
+        logger.info(
+            "%s holds a plain detector (no OOD head state): its boxes are scored post hoc with the %s score "
+            "(energy and msp per box; no representation score, which needs a model trained with MODEL.OOD.MODE "
+            "energy_cfl); no box is flagged is_ood until ood_det.calibrate runs on validation data",
+            getattr(self, "_loading", "the checkpoint"), self._box_predictor().scorer.score_name)
+
+
+def _split_query(path: str):
+    """(path without its ``?query``, whether the query asks for ``matching_heuristics=True``)."""
+    parsed = urlparse(str(path))
+    if not parsed.query:
+        return path, False
+    queries = parse_qs(parsed.query)
+    heuristics = queries.pop("matching_heuristics", ["False"]) == ["True"]
+    if queries:
+        raise CheckpointError(f"checkpoint {path}: unsupported query {sorted(queries)}; "
+                              "only ?matching_heuristics=True is understood")
+    return parsed._replace(query="").geturl(), heuristics
+
+
+def _take_own(state, own, wanted) -> None:
+    """Put the model's own values of the keys ``wanted`` into checkpoint ``state`` (and drop
+    the checkpoint's other such keys), so that they load unchanged and unreported."""
+    prefix = "module." if any(k.startswith("module.") for k in state) else ""
+    for key in [k for k in state if wanted(_strip(k))]:
+        del state[key]
+    state.update({prefix + k: v for k, v in own.items() if wanted(k)})
 
 
 def _from_model_zoo(data, filename: str):

@@ -1,53 +1,86 @@
-"""Compatibility between detectron2 v0.6 and the libraries current today.
+"""Compatibility between the installed detectron2 and the libraries current today.
 
-detectron2 v0.6 (the last tagged release, and the only one installable from
-PyPI, as ``pb1-detectron2``) uses names that newer libraries removed:
+Every shim is listed in :data:`SHIMS`, with the detectron2 file that needs it;
+:func:`apply` adds a shim only where that file of the installed detectron2
+uses the removed name AND the installed library lacks it. On detectron2 main
+(which uses none of these names) it adds nothing at all.
 
 - ``PIL.Image.LINEAR``: removed in Pillow 10 (alias of ``Image.BILINEAR``).
-  v0.6 uses it as a default argument in ``detectron2/data/transforms``, so
-  ``import detectron2.data`` fails on Pillow >= 10.
-- ``np.int``, ``np.float``, ``np.str``, ``np.object``, ``np.bool``: removed
-  in NumPy 1.24 (aliases of the builtins; ``np.bool`` came back in NumPy 2 as
-  ``np.bool_``). v0.6 uses them in its data loader (class histogram), masks,
-  the VOC and semantic-segmentation evaluators and the visualizer.
+  detectron2 v0.6 uses it as a default argument in ``detectron2/data/transforms``,
+  so ``import detectron2.data`` fails on Pillow >= 10.
+- ``np.int``, ``np.float``, ``np.str``, ``np.bool``: removed in NumPy 1.24
+  (aliases of the builtins; ``np.bool`` came back in NumPy 2). v0.6 uses them in
+  its data loader (class histogram), masks, the VOC and semantic-segmentation
+  evaluators and the visualizer.
+- ``detectron2._C``: a detectron2 installed without its C++ extension, such as
+  ``pb1-detectron2``, cannot even be imported (``detectron2.layers`` does
+  ``from detectron2 import _C``); a placeholder whose ops raise an error naming
+  the op and how to get a full build is registered only when the import fails.
+  Everything the project uses runs on torchvision ops.
 
-A detectron2 installed without its C++ extension (``detectron2._C``), such
-as ``pb1-detectron2``, cannot even be imported: ``detectron2.layers`` does
-``from detectron2 import _C`` at import time. ``apply()`` then registers a
-placeholder ``detectron2._C`` whose ops raise an error naming the op and how
-to get a full build; everything the project uses runs on torchvision ops.
-
-``apply()`` restores exactly the missing names and nothing else; on
-detectron2 main with its compiled ops and on old Pillow / NumPy it changes
-nothing. It runs when
-``ood_det`` is imported, which must therefore happen before the first
-``import detectron2.data`` (our tools and tests do so).
-
-``pkg_resources`` (used by v0.6's ``model_zoo``, removed in setuptools 81) is
-not shimmed: ``scripts/setup_env.sh`` pins ``setuptools<81`` instead.
+:func:`apply` runs when ``ood_det`` is imported, which must therefore happen
+before the first ``import detectron2.data`` (the tools and tests do so).
+``pkg_resources`` (used by v0.6's ``model_zoo``, removed in setuptools 81) is not
+shimmed: ``scripts/setup_env.sh`` pins ``setuptools<81`` instead.
 """
 import builtins
 import importlib.util
+import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-_NUMPY_ALIASES = ("int", "float", "str", "object", "bool")
+#: (the name added, the detectron2 file (under the package) that uses it, how it is used there).
+SHIMS = (
+    ("PIL.Image.LINEAR", "data/transforms/transform.py", r"\bImage\.LINEAR\b"),
+    ("numpy.int", "data/build.py", r"\bnp\.int\b"),
+    ("numpy.float", "evaluation/sem_seg_evaluation.py", r"\bnp\.float\b"),
+    ("numpy.str", "data/datasets/pascal_voc.py", r"\bnp\.str\b"),
+    ("numpy.bool", "structures/masks.py", r"\bnp\.bool\b"),
+)
 
 
-def apply() -> list:
-    """Restore the removed aliases. Returns the names that were added."""
-    added = []
-    if not hasattr(Image, "LINEAR"):
-        Image.LINEAR = Image.BILINEAR
-        added.append("PIL.Image.LINEAR")
-    for name in _NUMPY_ALIASES:
-        if name not in np.__dict__:
-            # np.__getattr__ raises for removed aliases; the module dict wins over it.
-            setattr(np, name, getattr(builtins, name))
-            added.append(f"numpy.{name}")
+def detectron2_dir():
+    """The installed detectron2 package folder (not imported), or None."""
+    try:
+        spec = importlib.util.find_spec("detectron2")
+    except ImportError:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
+def needed_shims(package_dir=None) -> list:
+    """Names of :data:`SHIMS` that the installed detectron2 uses and the installed library lacks."""
+    package_dir = detectron2_dir() if package_dir is None else Path(package_dir)
+    needed = []
+    for name, file, use in SHIMS:
+        try:
+            uses = re.search(use, (package_dir / file).read_text(encoding="utf-8")) is not None
+        except (OSError, TypeError):
+            uses = False
+        if uses and not _present(name):
+            needed.append(name)
+    return needed
+
+
+def _present(name: str) -> bool:
+    if name == "PIL.Image.LINEAR":
+        return hasattr(Image, "LINEAR")
+    return name.split(".", 1)[1] in np.__dict__  # np.__getattr__ raises for removed aliases
+
+
+def apply(package_dir=None) -> list:
+    """Add the shims the installed detectron2 needs (see the module docstring). Returns their names."""
+    added = needed_shims(package_dir)
+    for name in added:
+        if name == "PIL.Image.LINEAR":
+            Image.LINEAR = Image.BILINEAR
+        else:
+            alias = name.split(".", 1)[1]
+            setattr(np, alias, getattr(builtins, alias))  # the module dict wins over np.__getattr__
     if _install_c_placeholder():
         added.append("detectron2._C (placeholder)")
     return added

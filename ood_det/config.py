@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 from detectron2.config import CfgNode as CN
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 
 def add_ood_config(cfg):
@@ -16,8 +16,9 @@ def add_ood_config(cfg):
     # Which variant the EnergyCFL head trains: "vanilla" (plain detector, scores post hoc),
     # "vos" (energy + virtual outliers) or "energy_cfl" (energy + CFL centers + outliers).
     _C.MODEL.OOD.MODE = "energy_cfl"
-    # Score used for ood_scores / is_ood: "energy", "representation" or "combined".
-    _C.MODEL.OOD.SCORE = "combined"
+    # Score behind ood_score / is_ood: "energy", "msp", "representation", "combined", or "auto"
+    # (combined when the mode trains class centers, i.e. energy_cfl; energy otherwise).
+    _C.MODEL.OOD.SCORE = "auto"
     # Temperature T of energy(x) = -T * logsumexp(f_1..f_K(x) / T).
     _C.MODEL.OOD.ENERGY_TEMPERATURE = 1.0
     # Weight w of the representation term in the "combined" id score.
@@ -39,10 +40,14 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.ENERGY_LOSS = "logistic"
     # Weight of loss_energy.
     _C.MODEL.OOD.ENERGY_LOSS_WEIGHT = 0.1
-    # "margin" loss: ID energies above M_IN and outlier energies below M_OUT are penalized.
-    _C.MODEL.OOD.ENERGY_MARGIN_IN = -10.0
+    # "margin" loss: ID energies above M_IN and outlier energies below M_OUT are penalized
+    # (Liu et al. 2020 used m_in = -25, m_out = -7 for CIFAR classifiers).
+    _C.MODEL.OOD.ENERGY_MARGIN_IN = -25.0
     # See ENERGY_MARGIN_IN.
-    _C.MODEL.OOD.ENERGY_MARGIN_OUT = -3.0
+    _C.MODEL.OOD.ENERGY_MARGIN_OUT = -7.0
+    # Learnable per-class weights relu(w_k), w_k ~ U(0, 1), inside the logsumexp of the energy loss
+    # only (VOS); the energy score at test time is unweighted.
+    _C.MODEL.OOD.ENERGY_CLASS_WEIGHTS = True
 
     # loss_rep_out: outliers whose largest center similarity exceeds this margin are pushed away.
     _C.MODEL.OOD.REP_OUT_MARGIN = 0.0
@@ -64,6 +69,9 @@ def add_ood_config(cfg):
     # costs; the queues change by a few percent per iteration, so a fit P - 1 iterations old
     # draws nearly the same outliers.
     _C.MODEL.OOD.REFIT_PERIOD = 5
+    # "all_full" (VOS): no class queue rotates before every queue is full; "own_full": each class
+    # queue is FIFO as soon as it is full itself.
+    _C.MODEL.OOD.QUEUE_ROTATION = "all_full"
 
     # In-distribution validation split(s) on which OOD thresholds are calibrated (never a test set).
     _C.DATASETS.OOD_CALIBRATION = ()
@@ -114,16 +122,13 @@ def load_config(config_file: str, opts=()):
         if path is not None:
             cfg.merge_from_file(str(path))
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{path}: {_one_line(e)}; check the key's spelling against `get_cfg()` + add_ood_config") from None
+        raise ConfigError(
+            f"{path}: {one_line(e)}; check the key's spelling against `get_cfg()` + add_ood_config"
+        ) from None
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config ({_one_line(e)})") from None
+        raise ConfigError(f"{path}: cannot read config ({one_line(e)})") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"command-line override: {_one_line(e)}") from None
+        raise ConfigError(f"command-line override: {one_line(e)}") from None
     return cfg
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e.args[0]) if len(e.args) == 1 else str(e)
-    return " ".join(text.split())

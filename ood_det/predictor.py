@@ -6,10 +6,13 @@ resize of ``cfg.INPUT`` and the channel order of ``cfg.INPUT.FORMAT``, and
 returns boxes in the input's pixel coordinates. Every box also carries the
 OOD fields of :class:`~ood_det.modeling.roi_heads.EnergyCFLOutputLayers`.
 
-The OOD decision uses the calibration stored in the checkpoint (score
-statistics and id-score threshold, chosen on in-distribution validation data).
-An uncalibrated checkpoint gives raw, unstandardized scores and ``is_ood`` all
-False, unless a ``threshold`` is given here.
+The OOD decision uses the calibration stored in the checkpoint's
+:class:`~ood_det.modeling.scorer.OODScorer` (score statistics and id-score
+threshold, chosen on in-distribution validation data). An uncalibrated
+checkpoint gives raw, unstandardized scores and ``is_ood`` all False, unless a
+``threshold`` is given here. A plain detector's checkpoint (``StandardROIHeads``)
+serves through a vanilla-mode head: its boxes carry energy and MSP scores.
+Training-only state (the outlier queues) is not read.
 """
 import logging
 import os
@@ -24,13 +27,14 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from .checkpoint import CheckpointError, OODCheckpointer, is_ood_checkpoint
-from .errors import ConfigError
+from .checkpoint import CheckpointError, OODCheckpointer
+from .errors import ConfigError, one_line
 
 logger = logging.getLogger(__name__)
 
-#: Fields of every predicted box, besides detectron2's pred_boxes / scores / pred_classes.
-OOD_FIELDS = ("energy", "rep_scores", "ood_scores", "is_ood")
+#: Fields of every predicted box, besides detectron2's pred_boxes / scores / pred_classes
+#: (``rep_score`` only for models trained with class centers).
+OOD_FIELDS = ("energy", "msp", "rep_score", "ood_score", "is_ood")
 
 
 class OODPredictor:
@@ -65,7 +69,7 @@ class OODPredictor:
             raise ConfigError(f"INPUT.FORMAT must be BGR or RGB for OODPredictor, got {cfg.INPUT.FORMAT!r}")
         self.model = build_model(self.cfg)
         self.model.eval()
-        self._calibration = _calibration_of(self.model, cfg)
+        self.scorer = _scorer_of(self.model, cfg)
         _load_weights(self.model, cfg.MODEL.WEIGHTS)
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
@@ -78,7 +82,7 @@ class OODPredictor:
     @property
     def calibrated(self) -> bool:
         """Whether the checkpoint holds an OOD calibration (else ``is_ood`` needs ``threshold``)."""
-        return bool(self._calibration.calibrated)
+        return bool(self.scorer.calibrated)
 
     @property
     def threshold(self) -> Optional[float]:
@@ -98,7 +102,7 @@ class OODPredictor:
         """The id-score threshold in use: the override, else the calibrated one, else None."""
         if self._threshold is not None:
             return self._threshold
-        return float(self._calibration.id_threshold) if self.calibrated else None
+        return float(self.scorer.id_threshold) if self.calibrated else None
 
     @property
     def conf_threshold(self) -> Optional[float]:
@@ -106,7 +110,7 @@ class OODPredictor:
 
         Boxes are not filtered by it: ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` decides which are returned.
         """
-        return float(self._calibration.conf_threshold) if self.calibrated else None
+        return float(self.scorer.conf_threshold) if self.calibrated else None
 
     # ------------------------------------------------------------ inference
     def __call__(self, image: np.ndarray) -> Instances:
@@ -154,7 +158,7 @@ class OODPredictor:
 
     def _finish(self, instances: Instances) -> Instances:
         if self._threshold is not None:
-            instances.is_ood = -instances.ood_scores < self._threshold
+            instances.is_ood = -instances.ood_score < self._threshold
         return instances
 
 
@@ -165,47 +169,28 @@ def _check_device(device: str) -> None:
         )
 
 
-def _calibration_of(model, cfg):
+def _scorer_of(model, cfg):
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    calibration = getattr(predictor, "calibration", None)
-    if calibration is None:
+    scorer = getattr(predictor, "scorer", None)
+    if scorer is None:
         raise ConfigError(
             f"MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME!r}, whose boxes carry no OOD scores; "
-            "use EnergyCFLROIHeads (see configs/*_energy_cfl.yaml)"
+            "use EnergyCFLROIHeads (see configs/*_energy_cfl.yaml; MODEL.OOD.MODE vanilla serves a plain "
+            "StandardROIHeads checkpoint)"
         )
-    return calibration
-
-
-class _InspectingCheckpointer(OODCheckpointer):
-    """Notes whether the checkpoint it loads holds an OOD head."""
-
-    had_ood_head = False
-
-    def _load_model(self, checkpoint):
-        self.had_ood_head = is_ood_checkpoint(checkpoint.get("model", {}))
-        return super()._load_model(checkpoint)
+    return scorer
 
 
 def _load_weights(model, weights: str) -> None:
     if not weights:
         logger.warning("MODEL.WEIGHTS is empty: the detector keeps its random initial weights")
         return
-    if "://" not in weights and not os.path.isfile(weights):
+    if "://" not in weights and not os.path.isfile(weights.split("?")[0]):
         raise CheckpointError(f"MODEL.WEIGHTS {weights!r}: no such file")
-    checkpointer = _InspectingCheckpointer(model)
     try:
-        checkpointer.load(weights, checkpointables=[])
+        OODCheckpointer(model, inference_only=True).load(weights, checkpointables=[])
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"MODEL.WEIGHTS {weights!r}: cannot read the checkpoint ({_one_line(e)})") from None
-    if not checkpointer.had_ood_head:
-        logger.warning(
-            "%s holds no OOD head (class centers, calibration): its rep_scores and ood_scores mean nothing",
-            weights,
-        )
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
+        raise CheckpointError(f"MODEL.WEIGHTS {weights!r}: cannot read the checkpoint ({one_line(e)})") from None
 
 
 def _class_names(metadata, num_classes: int) -> List[str]:

@@ -4,8 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ood_det  # noqa: F401
 import pytest
+
+import ood_det  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 

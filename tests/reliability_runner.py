@@ -1,10 +1,10 @@
-"""Run ``tools/train_net.py`` for tests/test_reliability.py, in a process of its own,
+"""Run the command line of ``tools/train_net.py`` for the tests, in a process of its own,
 with tiny test datasets registered and, on request, a fault injected or state recorded.
 
     python tests/reliability_runner.py <train_net.py arguments>
 
 Environment (each optional):
-    OOD_DET_TEST_DATA: dataset root; registers tiny_{train,val,test,ood} there (SIZES).
+    OOD_DET_TEST_DATA: dataset root; registers tiny_<split> there for every split (SIZES).
     OOD_DET_TEST_COCO: "name=json_file=image_root": registers a COCO-json dataset.
     OOD_DET_TEST_KILL_IN_SAVE: a checkpoint name (e.g. model_0000003): this process
         SIGKILLs itself halfway through writing that checkpoint's bytes.
@@ -17,22 +17,20 @@ The faults live here, not in the library: the library runs unchanged.
 import io
 import json
 import os
-import runpy
 import signal
 import sys
-from pathlib import Path
 
-import ood_det  # noqa: F401  (before detectron2.data)
 import torch
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
+import ood_det  # noqa: F401  (before detectron2.data)
+from ood_det.cli.train_net import main as train_net
 from ood_det.data.synthetic import register_shapes_splits
 from ood_det.engine import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
-SIZES = {"train": 8, "val": 4, "test": 4, "ood": 4}
+SIZES = {"train": 8, "val": 16, "test": 16, "ood": 16, "ood_far": 16, "tune": 4, "ood_tune": 4}
 
 
 def kill_in_save(name: str) -> None:
@@ -104,9 +102,8 @@ def main():
         dump_restored(env["OOD_DET_TEST_DUMP_RESTORED"])
     if env.get("OOD_DET_TEST_LOSSES"):
         log_losses(env["OOD_DET_TEST_LOSSES"])
-    sys.argv = [str(REPO / "tools" / "train_net.py"), *sys.argv[1:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    return train_net(sys.argv[1:])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,41 +1,45 @@
-"""tools/benchmark.py end to end on a tiny setting (one seed, 4 iterations, tiny splits and tiny
-cost settings): the JSON holds every documented key, the markdown and the chart exist; and its
-schedule scaling, aggregation and KS test on hand-made inputs."""
-import importlib.util
+"""ood_det.benchmark: its statistics against independent references (scipy, numbers worked out
+by hand below), its plan, schedule and cost helpers; and tools/benchmark.py end to end, as a
+subprocess, on a tiny setting (tiny splits, 4 iterations, tiny cost settings): a --quick run,
+then a two-seed run that reuses its seed."""
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
+import torch
+from scipy import stats as scipy_stats  # a test extra of the project: the independent reference
 
-from conftest import REPO, run_tool
+from ood_det.benchmark import cost, report, runs, stats
 from ood_det.config import load_config
-from ood_det.data.synthetic import generate_split, shapes_dir
+from ood_det.data.synthetic import SPLITS, generate_split, shapes_dir
+
+from conftest import run_tool
 
 MAX_ITER = 4
-TINY_SPLITS = {"train": 8, "val": 6, "test": 6, "ood": 6}
+TINY_IMAGES = {"train": 8, "val": 24}  # every other split: 4 images; val: enough boxes to calibrate
 OPTS = [
     "SOLVER.IMS_PER_BATCH", "2",
     "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.OOD.QUEUE_SIZE", "4",
+    "MODEL.OOD.QUEUE_SIZE", "2",
     "MODEL.OOD.NUM_CANDIDATES", "100",
     # A model trained for 4 iterations is unsure of everything: keep all its boxes.
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
 ]
-TOP_KEYS = {
-    "command", "commit", "worktree_dirty", "machine", "versions", "started_at", "finished_at",
-    "wall_time_s", "complete", "settings", "runs", "aggregates", "targets", "cost", "files",
-}
+TOP_KEYS = {"commit", "worktree_dirty", "machine", "seeds", "configured_score", "rows", "comparisons", "runs",
+            "cost", "command", "versions", "started_at", "finished_at", "wall_time_s", "complete", "settings",
+            "files"}
+ROW_KEYS = {"method", "score", "ood_set", "protocol", "fpr95_mean", "fpr95_std", "auroc_mean", "auroc_std",
+            "ap_mean", "ap_std", "n_seeds"}
+COMPARISON_KEYS = {"method", "baseline", "ood_set", "metric", "protocol", "diff_mean", "ci95_low", "ci95_high",
+                   "target", "met", "n_seeds"}
 MACHINE_KEYS = {"cpu_model", "cpu_count", "cpus_available", "torch_threads", "platform", "device"}
 RUN_KEYS = {"method", "seed", "config_file", "output_dir", "log", "train_net_args", "started_at",
-            "wall_time_s", "returncode", "reused", "map", "rows"}
-AGG_KEYS = {"method", "ood_set", "protocol", "score", "seeds", "headline", "fpr95_reduction_vs_vanilla_energy"} | {
-    f"{k}_{stat}" for k in ("fpr95", "auroc", "aupr_in", "aupr_out", "AP", "AP50", "AP75") for stat in ("mean", "std")}
-TARGET_KEYS = {"ood_set", "protocol", "energy_cfl_score", "fpr95_reduction", "fpr95_reduction_target",
-               "fpr95_reduction_met", "fpr95_vs_vos", "beats_vos_fpr95", "auroc_vs_vos", "beats_vos_auroc",
-               "ap_vs_vanilla", "ap_within_target"}
+            "wall_time_s", "returncode", "reused", "map", "rows", "configured_score"}
 COST_KEYS = {"settings", "train_step", "inference", "synthesis", "equivalence", "memory", "wall_time_s"}
-PAIR_KEYS = {"baseline", "variant", "unit", "baseline_s", "variant_s", "ratio", "target_max", "meets_target"}
+PAIR_KEYS = {"baseline", "variant", "unit", "baseline_s", "variant_s", "ratio", "target_max", "meets_target",
+             "peak_gpu_memory_bytes"}
 SYNTH_KEYS = {"synthesis_step_s", "sample_only_s", "refit_s", "brute_force_one_class_s", "brute_force_s",
               "brute_force_step_s", "reference_one_class_s", "reference_candidates", "reference_step_s",
               "brute_force_note", "speedup", "speedup_step", "speedup_reference_step", "target_min", "meets_target"}
@@ -44,43 +48,335 @@ EQUIV_KEYS = {"dim", "draws", "ks_statistic", "ks_pvalue", "ks_pvalue_gemm", "me
 MEMORY_KEYS = {"method", "synthesis_step_peak_bytes", "synthesis_step_largest_allocation_bytes",
                "brute_force_one_class_peak_bytes", "candidate_tensor_bytes_per_class",
                "candidate_tensor_bytes_all_classes", "no_candidate_tensor"}
+STEM = "shapes_benchmark"
 
 
-def load_benchmark_module():
-    spec = importlib.util.spec_from_file_location("ood_det_benchmark_tool", REPO / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ---------------------------------------------------------------- statistics, by hand and against scipy
+# Per-seed FPR95 (fractions) of two methods on five seeds. Worked out by hand:
+#   differences (method - baseline, % points): -25, -10, -40, -30, -5 -> mean -22,
+#     squared deviations 9 + 144 + 324 + 64 + 289 = 830 -> sample variance 830 / 4 = 207.5;
+#   relative reductions 100 * (1 - method / baseline): 50, 25, 50, 50, 25 -> mean 40,
+#     squared deviations 100 + 225 + 100 + 100 + 225 = 750 -> sample variance 750 / 4 = 187.5.
+BASELINE_FPR = [0.50, 0.40, 0.80, 0.60, 0.20]
+METHOD_FPR = [0.25, 0.30, 0.40, 0.30, 0.15]
+
+
+def test_t_quantile_matches_scipy():
+    for df in (1, 2, 3, 4, 5, 7, 10, 29, 100, 1000):
+        for p in (0.5, 0.6, 0.9, 0.95, 0.975, 0.995, 0.9995, 0.025):
+            assert stats.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError):
+        stats.t_quantile(1.0, 4)
+
+
+def test_paired_difference_interval_by_hand_and_against_ttest_rel():
+    method = {s: 100 * v for s, v in enumerate(METHOD_FPR)}
+    baseline = {s: 100 * v for s, v in enumerate(BASELINE_FPR)}
+    seeds, diffs = stats.paired_values(method, baseline, "fpr95")
+    assert seeds == [0, 1, 2, 3, 4]
+    iv = stats.t_interval(diffs)
+    assert iv.n == 5 and iv.mean == pytest.approx(-22.0) and iv.sd == pytest.approx(math.sqrt(207.5))
+    half = scipy_stats.t.ppf(0.975, 4) * math.sqrt(207.5) / math.sqrt(5)
+    assert (iv.low, iv.high) == pytest.approx((-22.0 - half, -22.0 + half))
+    ref = scipy_stats.ttest_rel(list(method.values()), list(baseline.values())).confidence_interval(0.95)
+    assert (iv.low, iv.high) == pytest.approx((ref.low, ref.high))
+    # Pairing is by seed: a seed only one method has is left out.
+    seeds, diffs = stats.paired_values({**method, 9: 1.0}, {**baseline, 8: 2.0}, "fpr95")
+    assert seeds == [0, 1, 2, 3, 4] and diffs == pytest.approx([-25, -10, -40, -30, -5])
+
+
+def test_relative_reduction_by_hand():
+    method = {s: 100 * v for s, v in enumerate(METHOD_FPR)}
+    baseline = {s: 100 * v for s, v in enumerate(BASELINE_FPR)}
+    seeds, reductions = stats.paired_values(method, baseline, stats.REL_REDUCTION)
+    assert reductions == pytest.approx([50.0, 25.0, 50.0, 50.0, 25.0])
+    iv = stats.t_interval(reductions)
+    assert iv.mean == pytest.approx(40.0) and iv.sd == pytest.approx(math.sqrt(187.5))
+    half = scipy_stats.t.ppf(0.975, 4) * math.sqrt(187.5 / 5)
+    assert (iv.low, iv.high) == pytest.approx((40.0 - half, 40.0 + half))  # about [23.0, 57.0]
+    # A baseline FPR95 of 0 has no relative reduction: that seed is left out.
+    seeds, reductions = stats.paired_values({0: 10.0, 1: 5.0}, {0: 0.0, 1: 20.0}, stats.REL_REDUCTION)
+    assert seeds == [1] and reductions == pytest.approx([75.0])
+
+
+def test_one_seed_has_no_interval():
+    iv = stats.t_interval([3.0])
+    assert (iv.mean, iv.sd, iv.n, iv.low, iv.high) == (3.0, None, 1, None, None)
+    assert stats.significant(iv.low, iv.high) is None
+    assert stats.t_interval([]).n == 0 and stats.t_interval([1.0, float("nan"), None, 3.0]).n == 2
+
+
+def test_target_is_met_only_when_the_whole_interval_is_on_its_side():
+    at_least = stats.Target(">=", 30.0, ">= 30% relative")
+    assert at_least.met(31.0, 57.0) is True
+    assert at_least.met(30.0, 57.0) is True  # on the bound counts
+    assert at_least.met(23.0, 57.0) is False  # straddles the goal: not shown
+    assert at_least.met(10.0, 20.0) is False
+    assert at_least.met(None, None) is None
+    below = stats.Target("<", 0.0, "< 0")
+    assert below.met(-5.0, -0.1) is True and below.met(-5.0, 0.0) is False and below.met(-5.0, 1.0) is False
+    above = stats.Target(">", 0.0, "> 0")
+    assert above.met(0.1, 3.0) is True and above.met(0.0, 3.0) is False and above.met(-1.0, 3.0) is False
+    assert stats.Target("<=", -1.0, "").met(-3.0, -1.0) is True and stats.Target("<=", -1.0, "").met(-3.0, 0.0) is False
+
+
+def test_targets_table():
+    t = stats.target_for
+    assert t("energy_cfl", "vanilla", "shapes_ood", "clean", stats.REL_REDUCTION).bound == 30.0
+    assert t("energy_cfl", "vanilla", "shapes_ood_far", "clean", stats.REL_REDUCTION).bound == 50.0
+    assert t("energy_cfl", "vanilla", "other_ood", "clean", stats.REL_REDUCTION) is None
+    assert t("energy_cfl", "vanilla", "shapes_ood", "clean", "ap").label == ">= -1.0"
+    assert t("energy_cfl", "vos", "shapes_ood", "clean", "fpr95").label == "< 0"
+    assert t("energy_cfl", "vos", "shapes_ood_far", "clean", "auroc").label == "> 0"
+    assert t("vos", "vanilla", "shapes_ood", "clean", "fpr95") is None
+    assert t("energy_cfl", "vanilla", "shapes_ood", "clean", "fpr95") is None
+    assert t("energy_cfl", "vos", "shapes_ood", "published", "fpr95") is None
+
+
+# ---------------------------------------------------------------- aggregation and comparisons of run records
+def fake_run(method, seed, metrics, ap, configured=None, returncode=0):
+    """A run record; ``metrics``: {(score, ood_set, protocol): (fpr95, auroc)} as fractions."""
+    rows = [{"score": sc, "ood_set": s, "protocol": p, "fpr95": f, "auroc": a, "aupr_in": 0.9, "aupr_out": 0.8}
+            for (sc, s, p), (f, a) in metrics.items()]
+    return {"method": method, "seed": seed, "returncode": returncode, "configured_score": configured,
+            "map": {"AP": ap, "AP50": ap + 10, "AP75": ap - 10}, "rows": rows}
+
+
+def hand_runs():
+    """Five seeds of vanilla / vos / energy_cfl on a near and a far set, two protocols.
+
+    energy_cfl's configured (combined) FPR95 is METHOD_FPR on the near set, half of it on the far
+    set; vanilla's energy FPR95 is BASELINE_FPR on both; its "msp" score is there too but never
+    configured; vos is vanilla's FPR95 minus 0.01 (one point) with AUROC varying around it.
+    """
+    records = []
+    for seed in range(5):
+        van, cfl = BASELINE_FPR[seed], METHOD_FPR[seed]
+        vanilla = {(sc, s, p): (van, 0.70 + 0.01 * seed) for sc in ("energy", "msp")
+                   for s in ("shapes_ood", "shapes_ood_far") for p in ("clean", "published")}
+        vos = {("energy", s, p): (van - 0.01, 0.70 + 0.01 * seed + (0.02 if seed % 2 else -0.02))
+               for s in ("shapes_ood", "shapes_ood_far") for p in ("clean", "published")}
+        energy_cfl = {}
+        for s, f in (("shapes_ood", cfl), ("shapes_ood_far", cfl / 2)):
+            for p in ("clean", "published"):
+                energy_cfl[("combined", s, p)] = (f, 0.90)
+                energy_cfl[("energy", s, p)] = (0.99, 0.10)  # not configured: must not enter a comparison
+        records += [fake_run("vanilla", seed, vanilla, 50.0 + seed, "energy"),
+                    fake_run("vos", seed, vos, 50.5 + seed, "energy"),
+                    fake_run("energy_cfl", seed, energy_cfl, 48.0 + seed + 0.5 * (seed % 2), "combined")]
+    records.append(fake_run("vos", 5, {("energy", "shapes_ood", "clean"): (0.0, 0.0)}, 0.0, returncode=1))
+    return records
+
+
+CONFIGURED = {"vanilla": "energy", "vos": "energy", "energy_cfl": "combined"}
+
+
+def _comparison(comps, method, baseline, ood_set, protocol, metric):
+    found = [c for c in comps if (c["method"], c["baseline"], c["ood_set"], c["protocol"], c["metric"])
+             == (method, baseline, ood_set, protocol, metric)]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_aggregate_mean_and_sd_against_statistics():
+    rows = stats.aggregate(hand_runs(), CONFIGURED)
+    keys = [(r["method"], r["ood_set"], r["protocol"], r["score"]) for r in rows]
+    assert keys[0] == ("vanilla", "shapes_ood", "clean", "energy") and len(keys) == len(set(keys)) == 20
+    assert [k[0] for k in keys] == sorted((k[0] for k in keys), key=runs.METHODS.index)
+    van = next(r for r in rows if (r["method"], r["ood_set"], r["protocol"], r["score"])
+               == ("vanilla", "shapes_ood_far", "published", "msp"))
+    assert set(van) >= ROW_KEYS and van["n_seeds"] == 5 and van["configured"] is False
+    assert van["fpr95_mean"] == pytest.approx(statistics.fmean(100 * v for v in BASELINE_FPR))
+    assert van["fpr95_std"] == pytest.approx(statistics.stdev(100 * v for v in BASELINE_FPR))
+    assert van["auroc_mean"] == pytest.approx(72.0) and van["auroc_std"] == pytest.approx(math.sqrt(2.5))
+    assert van["ap_mean"] == pytest.approx(52.0) and van["ap_std"] == pytest.approx(statistics.stdev(range(50, 55)))
+    assert van["ap50_mean"] == pytest.approx(62.0) and van["aupr_in_mean"] == pytest.approx(90.0)
+    vos = next(r for r in rows if (r["method"], r["ood_set"], r["protocol"]) == ("vos", "shapes_ood", "clean"))
+    assert vos["seeds"] == [0, 1, 2, 3, 4] and vos["configured"] is True  # the failed seed 5 is left out
+    one = stats.aggregate([fake_run("vos", 0, {("energy", "o", "clean"): (0.5, 0.5)}, 1.0)], CONFIGURED)
+    assert one[0]["fpr95_mean"] == pytest.approx(50.0) and one[0]["fpr95_std"] is None
+
+
+def test_comparisons_pair_each_methods_configured_score():
+    comps = stats.comparisons(hand_runs(), CONFIGURED)
+    assert all(set(c) >= COMPARISON_KEYS for c in comps)
+    expected = {(m, b, s, p, metric) for m, b in stats.COMPARISONS for s in ("shapes_ood", "shapes_ood_far")
+                for p in ("clean", "published") for metric in stats.COMPARED_METRICS}
+    assert {(c["method"], c["baseline"], c["ood_set"], c["protocol"], c["metric"]) for c in comps} == expected
+    assert len(comps) == len(expected)
+    # energy_cfl's combined score against vanilla's energy: the hand-worked table above.
+    near = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", "fpr95")
+    assert near["diff_mean"] == pytest.approx(-22.0) and near["n_seeds"] == 5
+    half = scipy_stats.t.ppf(0.975, 4) * math.sqrt(207.5 / 5)
+    assert (near["ci95_low"], near["ci95_high"]) == pytest.approx((-22.0 - half, -22.0 + half))
+    assert near["significant"] is True and near["target"] is None and near["met"] is None
+    rel = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", stats.REL_REDUCTION)
+    assert rel["diff_mean"] == pytest.approx(40.0) and rel["target"] == ">= 30% relative"
+    assert rel["ci95_low"] < 30.0 < rel["ci95_high"] and rel["met"] is False  # straddles 30%
+    # Far: FPR95 halved again, reductions 75, 62.5, 75, 75, 62.5: the whole interval is above 50%.
+    far = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood_far", "clean", stats.REL_REDUCTION)
+    assert far["diff_mean"] == pytest.approx(70.0) and far["ci95_low"] > 50.0 and far["met"] is True
+    assert _comparison(comps, "energy_cfl", "vanilla", "shapes_ood_far", "published",
+                       stats.REL_REDUCTION)["met"] is None  # goals are judged on the clean protocol
+    # AP: energy_cfl - vanilla = -2, -1.5, -2, -1.5, -2: the whole interval is below -1.
+    ap = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", "ap")
+    assert ap["diff_mean"] == pytest.approx(-1.8) and ap["met"] is False and ap["target"] == ">= -1.0"
+    # vos - vanilla FPR95: exactly -1 point every seed (sd 0): a zero-width interval.
+    vos_fpr = _comparison(comps, "vos", "vanilla", "shapes_ood", "clean", "fpr95")
+    assert vos_fpr["diff_mean"] == pytest.approx(-1.0) and vos_fpr["ci95_high"] == pytest.approx(-1.0)
+    # vos - vanilla AUROC: -2, +2, -2, +2, -2 points: within noise.
+    vos_auroc = _comparison(comps, "vos", "vanilla", "shapes_ood", "clean", "auroc")
+    assert vos_auroc["ci95_low"] < 0 < vos_auroc["ci95_high"] and vos_auroc["significant"] is False
+    assert vos_auroc["target"] is None and vos_auroc["met"] is None
+    cfl_vos = _comparison(comps, "energy_cfl", "vos", "shapes_ood", "clean", "auroc")
+    assert cfl_vos["target"] == "> 0" and cfl_vos["met"] is True
+
+
+def test_comparisons_skip_missing_methods_and_one_seed_gives_no_interval():
+    one_seed = [r for r in hand_runs() if r["seed"] == 0]
+    comps = stats.comparisons(one_seed, CONFIGURED)
+    rel = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", stats.REL_REDUCTION)
+    assert rel["n_seeds"] == 1 and rel["ci95_low"] is None and rel["met"] is None and rel["significant"] is None
+    no_cfl = [r for r in hand_runs() if r["method"] != "energy_cfl"]
+    assert {(c["method"], c["baseline"]) for c in stats.comparisons(no_cfl, CONFIGURED)} == {("vos", "vanilla")}
+
+
+def test_configured_score_comes_from_the_runs_calibration_else_the_config():
+    # A failed run's file (if any) does not count; a run that names no score falls back to the config.
+    records = [fake_run("energy_cfl", 1, {}, 1.0, "msp", returncode=1), fake_run("vanilla", 0, {}, 1.0, "energy"),
+               fake_run("energy_cfl", 0, {}, 1.0, "representation"), fake_run("vos", 0, {}, 1.0, None)]
+    config = {"vanilla": "msp", "vos": "energy", "energy_cfl": "combined"}
+    assert runs.configured_scores(records, config) == {"vanilla": "energy", "vos": "energy",
+                                                       "energy_cfl": "representation"}
+
+
+def test_markdown_says_within_noise_significant_met_and_missed():
+    plan = {"seeds": [0, 1, 2, 3, 4], "schedule": {}, "schedule_scale": 1.0,
+            "config_scores": CONFIGURED}
+    result = report.add_quality({"settings": {}}, plan, hand_runs())
+    text = "\n".join(report.quality_markdown(result))
+    line = next(x for x in text.splitlines() if x.startswith("| vos (energy) - vanilla (energy)")
+                and "AUROC" in x and "shapes_ood (near)" in x)
+    assert "within noise" in line and "[" in line
+    line = next(x for x in text.splitlines() if x.startswith("| energy_cfl (combined) - vanilla (energy)")
+                and "FPR95 (pts)" in x and "shapes_ood (near)" in x)
+    assert "significant" in line and "-22.00 [" in line
+    targets = text.split("### Targets")[1].split("###")[0]
+    assert "shapes_ood_far (far), FPR95 relative reduction (%) >= 50% relative" in targets
+    # Four goals per OOD set; near: reduction and AP missed; far: AP missed.
+    assert targets.count("**met**") == 5 and targets.count("**missed**") == 3
+    assert "### All scores, published protocol" in text and "| msp" in text
+
+
+# ---------------------------------------------------------------- plan and schedule
+def test_validation_evaluates_on_the_tuning_splits_only():
+    plan = runs.plan_quality(seeds=[0], validation=True)
+    assert set(plan["datasets"]) == {"shapes_train", "shapes_val", "shapes_tune", "shapes_ood_tune"}
+    assert plan["validation"] is True and plan["opts"][:4] == runs.VALIDATION_OPTS
+    # An explicit --opts still wins over the tuning splits.
+    plan = runs.plan_quality(validation=True, opts=["DATASETS.OOD_TEST", "('shapes_ood',)"])
+    assert "shapes_ood" in plan["datasets"] and "shapes_ood_tune" not in plan["datasets"]
+    assert not {"shapes_test", "shapes_ood_far"} & set(runs.plan_quality(validation=True)["datasets"])
+
+
+def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
+    plan = runs.plan_quality()
+    assert plan["seeds"] == [0, 1, 2, 3, 4] and plan["schedule_scale"] == 1.0 and plan["schedule_opts"] == []
+    assert plan["config_scores"] == CONFIGURED
+    quick = runs.plan_quality(quick=True)
+    assert quick["seeds"] == [0] and quick["schedule_scale"] == pytest.approx(1 / 3)
+    assert quick["schedule"]["SOLVER.MAX_ITER"] == round(plan["schedule"]["SOLVER.MAX_ITER"] / 3)
+
+
+def test_scale_schedule_scales_every_iteration_count():
+    schedule = {"SOLVER.MAX_ITER": 1500, "SOLVER.STEPS": [1100, 1350], "SOLVER.WARMUP_ITERS": 100,
+                "MODEL.OOD.START_ITER": 600}
+    assert runs.scale_schedule(schedule, 1 / 3) == {"SOLVER.MAX_ITER": 500, "SOLVER.STEPS": [367, 450],
+                                                    "SOLVER.WARMUP_ITERS": 33, "MODEL.OOD.START_ITER": 200}
+    tiny = runs.scale_schedule(schedule, 4 / 1500)
+    assert tiny["SOLVER.MAX_ITER"] == 4 and tiny["SOLVER.STEPS"] == [3] and tiny["SOLVER.WARMUP_ITERS"] == 1
+    assert runs.schedule_opts(tiny)[:4] == ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)"]
+
+
+# ---------------------------------------------------------------- cost helpers
+def test_ks_2samp_matches_scipy():
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=3000), rng.normal(size=2000)
+    shifted = rng.normal(size=3000), rng.normal(0.1, size=2000)
+    for x, y in (same, shifted):
+        d, p = cost.ks_2samp(x, y)
+        ref = scipy_stats.ks_2samp(x, y, method="asymp")
+        assert d == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue, abs=0.02)
+    assert cost.ks_2samp(*shifted)[1] < 0.01 < cost.ks_2samp(*same)[1]
+
+
+def test_brute_force_gemm_keeps_the_least_likely_candidate():
+    torch.manual_seed(0)
+    means = torch.tensor([[0.0, 0.0], [100.0, -100.0]])
+    x, labels = cost.brute_force_gemm(means, torch.eye(2), num_candidates=1000, num_samples=3)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    radii = (x - means[labels]).norm(dim=1)
+    # The 3 largest of 1000 chi(2) radii: P(third largest < 2.5) is ~1e-12.
+    assert bool((radii > 2.5).all()) and bool((radii[:3].diff() <= 0).all())
+
+
+def test_cost_settings_apply_overrides_and_refuse_unknown_ones():
+    s = cost.cost_settings("tiny", {"repeats": 5, "fc_dim": None})
+    assert s["repeats"] == 5 and s["fc_dim"] == cost.COST_PRESETS["tiny"]["fc_dim"]
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        cost.cost_settings("tiny", {"eq_dim": 3})
+    with pytest.raises(ValueError, match="unknown cost scale"):
+        cost.cost_settings("huge")
+
+
+# ---------------------------------------------------------------- tools/benchmark.py end to end
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("datasets")
+    # Tiny splits where the training subprocesses look for the default ones.
+    for split in SPLITS:
+        generate_split(shapes_dir(data), split, num_images=TINY_IMAGES.get(split, 4))
+    return data
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    data = tmp_path_factory.mktemp("datasets")
-    # Tiny splits where the training subprocesses look for the default ones.
-    for split, n in TINY_SPLITS.items():
-        generate_split(shapes_dir(data), split, num_images=n)
-    out = tmp_path_factory.mktemp("bench")
+def bench(tmp_path_factory, tiny_data):
+    out, res_dir = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("results")
     proc = run_tool(
         "benchmark.py", "--quick", "--max-iter", MAX_ITER, "--cost-scale", "tiny", "--threads", 1, "--output", out,
-        "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(data)}, timeout=900,
+        "--results-dir", res_dir, "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "benchmark_results.json").read_text()), proc.stdout, data
+    return out, res_dir, json.loads((res_dir / f"{STEM}.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def two_seeds(bench, tiny_data):
+    """Seeds 0 and 1 on the same schedule, reusing the quick run's seed 0; no --results-dir."""
+    out = bench[0]
+    proc = run_tool(
+        "benchmark.py", "--seeds", 0, 1, "--max-iter", MAX_ITER, "--skip-cost", "--reuse", "--threads", 1,
+        "--output", out, "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / f"{STEM}.json").read_text()), proc.stdout
 
 
 def test_json_has_every_documented_key(bench):
-    _, res, _, _ = bench
-    assert set(res) == TOP_KEYS
-    assert res["complete"] is True and res["wall_time_s"] > 0
+    out, res_dir, res, _ = bench
+    assert set(res) >= TOP_KEYS
+    assert res["complete"] is True and res["wall_time_s"] > 0 and res["seeds"] == [0]
     assert res["command"].startswith("python tools/benchmark.py --quick")
     assert set(res["machine"]) >= MACHINE_KEYS and res["machine"]["device"] == "cpu"
     assert res["commit"] is None or len(res["commit"]) == 40
-    assert res["files"] == {"json": "benchmark_results.json", "markdown": "benchmark_results.md",
-                            "chart": "benchmark_fpr95_auroc.png"}
+    assert res["worktree_dirty"] in (True, False, None)
+    assert res["files"] == {"json": f"{STEM}.json", "markdown": f"{STEM}.md", "chart": f"{STEM}.png"}
+    assert (out / "progress.json").is_file() and not (out / f"{STEM}.json").exists()
+    assert res["configured_score"] == CONFIGURED
     assert set(res["cost"]) == COST_KEYS
     for key in ("train_step", "inference"):
         pair = res["cost"][key]
-        assert set(pair) >= PAIR_KEYS
+        assert set(pair) >= PAIR_KEYS and pair["peak_gpu_memory_bytes"] == {"baseline": None, "variant": None}
         assert pair["ratio"]["min"] <= pair["ratio"]["median"] <= pair["ratio"]["max"]
         assert len(pair["baseline_s"]["values"]) == len(pair["variant_s"]["values"]) == 2  # tiny: 2 repeats
     assert set(res["cost"]["synthesis"]) >= SYNTH_KEYS
@@ -89,7 +385,7 @@ def test_json_has_every_documented_key(bench):
 
 
 def test_quick_runs_one_seed_of_each_method_on_a_scaled_schedule(bench):
-    out, res, _, _ = bench
+    out, _, res, _ = bench
     plan = res["settings"]["quality"]
     cfg = load_config("shapes_vanilla.yaml")
     scale = MAX_ITER / cfg.SOLVER.MAX_ITER
@@ -103,140 +399,56 @@ def test_quick_runs_one_seed_of_each_method_on_a_scaled_schedule(bench):
         assert args[-2:] == ["SEED", "0"] and "SOLVER.MAX_ITER" in args
         assert (out / run["output_dir"] / "ood_results.json").is_file()
     log = (out / res["runs"][2]["log"]).read_text()
-    assert "Virtual outlier synthesis started" in log  # START_ITER scaled with the schedule
+    assert "Virtual outlier synthesis start" in log  # START_ITER scaled with the schedule
 
 
-def test_aggregates_match_the_runs(bench):
-    _, res, _, _ = bench
-    aggs = res["aggregates"]
-    combos = {(a["method"], a["protocol"], a["score"]) for a in aggs}
-    expected = {(m, p, "energy") for m in ("vanilla", "vos") for p in ("clean", "published")}
-    expected |= {("energy_cfl", p, s) for p in ("clean", "published") for s in ("energy", "representation", "combined")}
-    assert combos == expected
-    runs = {r["method"]: r for r in res["runs"]}
-    for a in aggs:
-        assert set(a) >= AGG_KEYS and a["seeds"] == [0]
-        assert a["fpr95_std"] is None  # one seed: no std
-        row = next(r for r in runs[a["method"]]["rows"]
-                   if (r["ood_set"], r["protocol"], r["score"]) == (a["ood_set"], a["protocol"], a["score"]))
-        assert a["fpr95_mean"] == pytest.approx(row["fpr95"]) and a["auroc_mean"] == pytest.approx(row["auroc"])
-        assert a["AP_mean"] == pytest.approx(runs[a["method"]]["map"]["AP"])
-        if (a["method"], a["score"]) == ("vanilla", "energy") and a["fpr95_mean"]:
-            assert a["fpr95_reduction_vs_vanilla_energy"] == pytest.approx(0.0)
-    headline = {a["method"]: a["score"] for a in aggs if a["headline"]}
-    assert headline == {"vanilla": "energy", "vos": "energy", "energy_cfl": "combined"}
-    assert [t["ood_set"] for t in res["targets"]] == ["shapes_ood"] and set(res["targets"][0]) == TARGET_KEYS
-
-
-def test_cost_settings_and_sanity(bench):
-    _, res, _, _ = bench
-    cost = res["cost"]
-    s = cost["settings"]
-    assert (s["num_classes"], s["fc_dim"], s["num_candidates"]) == (3, 32, 200) and s["torch_threads"] == 1
-    assert cost["train_step"]["synthesis_active"] is True
-    period = cost["train_step"]["refit_period"]
-    assert period == 5 and cost["train_step"]["steps_per_repeat"] % period == 0  # whole refit periods
-    assert cost["inference"]["boxes_per_image"] > 0
-    assert cost["memory"]["candidate_tensor_bytes_per_class"] == 200 * 32 * 4
-    assert 0.0 <= cost["equivalence"]["ks_pvalue"] <= 1.0
-    synth = cost["synthesis"]
-    for key in ("synthesis_step_s", "sample_only_s", "brute_force_s", "brute_force_step_s", "reference_step_s"):
-        assert 0 < synth[key]["min"] <= synth[key]["median"] <= synth[key]["max"]
-    assert synth["speedup"]["median"] == pytest.approx(synth["brute_force_s"]["median"] / synth["sample_only_s"]["median"])
-    assert synth["reference_candidates"] == 100  # tiny: N / 2
+def test_rows_match_the_runs_and_one_seed_has_no_interval(bench):
+    _, _, res, _ = bench
+    runs_by_method = {r["method"]: r for r in res["runs"]}
+    sets = {row["ood_set"] for r in res["runs"] for row in r["rows"]}
+    assert sets == {"shapes_ood", "shapes_ood_far"}
+    assert len(res["rows"]) == sum(len(r["rows"]) for r in res["runs"])
+    for row in res["rows"]:
+        assert set(row) >= ROW_KEYS and row["n_seeds"] == 1 and row["fpr95_std"] is None
+        run = runs_by_method[row["method"]]
+        src = next(r for r in run["rows"] if (r["ood_set"], r["protocol"], r["score"])
+                   == (row["ood_set"], row["protocol"], row["score"]))
+        if src["fpr95"] is not None:
+            assert row["fpr95_mean"] == pytest.approx(100 * src["fpr95"])
+            assert row["auroc_mean"] == pytest.approx(100 * src["auroc"])
+        assert row["ap_mean"] == pytest.approx(run["map"]["AP"])
+    assert res["comparisons"] and all(set(c) >= COMPARISON_KEYS for c in res["comparisons"])
+    assert all(c["ci95_low"] is None and c["met"] is None for c in res["comparisons"])
 
 
 def test_markdown_chart_and_printed_tables(bench):
-    out, _, stdout, _ = bench
-    md = (out / "benchmark_results.md").read_text()
-    for heading in ("# ood_det benchmark", "## Quality", "### Clean protocol", "published protocol",
-                    "### Targets", "## Cost", "| training step", "| inference per image", "| outlier draw",
-                    "| synthesis step with refit"):
+    _, res_dir, _, stdout = bench
+    md = (res_dir / f"{STEM}.md").read_text()
+    for heading in ("# ood_det benchmark", "## Quality", "### Headline: clean protocol", "### Targets",
+                    "### Paired differences, clean protocol", "### All scores, published protocol", "## Cost",
+                    "| training step", "| inference per image", "| outlier draw", "| synthesis step with refit",
+                    "shapes_ood_far (far)", "KS two-sample"):
         assert heading in md
-    assert "FPR95 reduction vs vanilla energy (%)" in md and "KS two-sample" in md
-    assert (out / "benchmark_fpr95_auroc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "n = 1: no interval" in md
+    assert (res_dir / f"{STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Quality" in stdout and "## Cost" in stdout
 
 
-def test_reuse_skips_finished_runs_and_skip_cost_drops_the_cost(bench):
-    out, first, _, data = bench
-    proc = run_tool(
-        "benchmark.py", "--quick", "--max-iter", MAX_ITER, "--skip-cost", "--reuse", "--output", out,
-        "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(data)}, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((out / "benchmark_results.json").read_text())
-    assert [r["reused"] for r in res["runs"]] == [True, True, True] and "training" not in proc.stdout
-    assert res["cost"] is None and "## Cost" not in (out / "benchmark_results.md").read_text()
-    assert res["aggregates"] == first["aggregates"]
-
-
-# ---------------------------------------------------------------- helpers, without training
-def test_validation_evaluates_on_the_tuning_splits_only():
-    b = load_benchmark_module()
-    plan = b.plan_quality(b.build_parser().parse_args(["--validation", "--seeds", "0"]))
-    assert set(plan["datasets"]) == {"shapes_train", "shapes_val", "shapes_tune", "shapes_ood_tune"}
-    assert plan["validation"] is True and plan["opts"][:4] == b.VALIDATION_OPTS
-    # An explicit --opts still wins over the tuning splits.
-    plan = b.plan_quality(b.build_parser().parse_args(
-        ["--validation", "--opts", "DATASETS.OOD_TEST", "('shapes_ood',)"]))
-    assert "shapes_ood" in plan["datasets"] and "shapes_ood_tune" not in plan["datasets"]
-    assert "shapes_test" not in b.plan_quality(b.build_parser().parse_args(["--validation"]))["datasets"]
-
-
-def test_scale_schedule_scales_every_iteration_count():
-    b = load_benchmark_module()
-    schedule = {"SOLVER.MAX_ITER": 1500, "SOLVER.STEPS": [1100, 1350], "SOLVER.WARMUP_ITERS": 100,
-                "MODEL.OOD.START_ITER": 600}
-    assert b.scale_schedule(schedule, 1 / 3) == {"SOLVER.MAX_ITER": 500, "SOLVER.STEPS": [367, 450],
-                                                 "SOLVER.WARMUP_ITERS": 33, "MODEL.OOD.START_ITER": 200}
-    tiny = b.scale_schedule(schedule, 4 / 1500)
-    assert tiny["SOLVER.MAX_ITER"] == 4 and tiny["SOLVER.STEPS"] == [3] and tiny["SOLVER.WARMUP_ITERS"] == 1
-    assert b.schedule_opts(tiny)[:4] == ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)"]
-
-
-def test_aggregate_mean_std_and_relative_reduction():
-    b = load_benchmark_module()
-
-    def run(method, seed, fpr, ap):
-        row = {"ood_set": "o", "protocol": "clean", "score": "energy", "fpr95": fpr, "auroc": 0.9,
-               "aupr_in": 0.9, "aupr_out": 0.9}
-        return {"method": method, "seed": seed, "returncode": 0, "map": {"AP": ap, "AP50": ap, "AP75": ap},
-                "rows": [row]}
-
-    runs = [run("vanilla", 0, 0.6, 10.0), run("vanilla", 1, 0.8, 12.0), run("vos", 0, 0.3, 11.0),
-            run("vos", 1, 0.4, 11.0), {"method": "vos", "seed": 2, "returncode": 1}]
-    aggs = b.aggregate(runs, {"vanilla": "energy", "vos": "energy"})
-    van, vos = aggs
-    assert (van["method"], vos["method"]) == ("vanilla", "vos") and vos["seeds"] == [0, 1]
-    assert van["fpr95_mean"] == pytest.approx(0.7) and van["fpr95_std"] == pytest.approx(math.sqrt(0.02))
-    assert van["AP_mean"] == pytest.approx(11.0) and van["AP_std"] == pytest.approx(math.sqrt(2.0))
-    assert vos["fpr95_reduction_vs_vanilla_energy"] == pytest.approx(0.5)
-    assert van["fpr95_reduction_vs_vanilla_energy"] == pytest.approx(0.0)
-
-
-def test_ks_2samp_matches_scipy():
-    from scipy import stats  # a test extra of the project
-
-    b = load_benchmark_module()
-    rng = np.random.default_rng(0)
-    same = rng.normal(size=3000), rng.normal(size=2000)
-    shifted = rng.normal(size=3000), rng.normal(0.1, size=2000)
-    for x, y in (same, shifted):
-        d, p = b.ks_2samp(x, y)
-        ref = stats.ks_2samp(x, y, method="asymp")
-        assert d == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue, abs=0.02)
-    assert b.ks_2samp(*shifted)[1] < 0.01 < b.ks_2samp(*same)[1]
-
-
-def test_brute_force_gemm_keeps_the_least_likely_candidate():
-    import torch
-
-    b = load_benchmark_module()
-    torch.manual_seed(0)
-    means = torch.tensor([[0.0, 0.0], [100.0, -100.0]])
-    x, labels = b.brute_force_gemm(means, torch.eye(2), num_candidates=1000, num_samples=3)
-    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
-    radii = (x - means[labels]).norm(dim=1)
-    # The 3 largest of 1000 chi(2) radii: P(third largest < 2.5) is ~1e-12.
-    assert bool((radii > 2.5).all()) and bool((radii[:3].diff() <= 0).all())
+def test_reuse_and_a_second_seed_give_paired_intervals(two_seeds, bench):
+    out, res, stdout = two_seeds
+    assert [(r["method"], r["seed"], r["reused"]) for r in res["runs"]] == [
+        (m, s, s == 0) for s in (0, 1) for m in runs.METHODS]
+    assert stdout.count("training (") == 3  # only seed 1 trained
+    assert res["cost"] is None and "## Cost" not in (out / f"{STEM}.md").read_text()
+    assert res["runs"][:3] == [dict(r, reused=True) for r in bench[2]["runs"]]
+    # The interval of one comparison, recomputed here from the runs' own rows.
+    comp = next(c for c in res["comparisons"] if (c["method"], c["baseline"], c["ood_set"], c["protocol"],
+                                                  c["metric"]) == ("energy_cfl", "vos", "shapes_ood", "clean", "ap"))
+    aps = {(r["method"], r["seed"]): r["map"]["AP"] for r in res["runs"]}
+    diffs = [aps[("energy_cfl", s)] - aps[("vos", s)] for s in (0, 1)]
+    ref = scipy_stats.ttest_rel([aps[("energy_cfl", s)] for s in (0, 1)],
+                                [aps[("vos", s)] for s in (0, 1)]).confidence_interval(0.95)
+    assert comp["n_seeds"] == 2 and comp["diff_mean"] == pytest.approx(np.mean(diffs))
+    if diffs[0] != diffs[1]:
+        assert (comp["ci95_low"], comp["ci95_high"]) == pytest.approx((ref.low, ref.high))
+    assert all(r["n_seeds"] == 2 for r in res["rows"])

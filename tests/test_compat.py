@@ -10,11 +10,15 @@ from ood_det import compat
 from ood_det.config import load_config
 
 
-def test_removed_aliases_are_restored():
-    assert Image.LINEAR == Image.BILINEAR
-    for name in ("int", "float", "str", "object"):
-        assert getattr(np, name) is getattr(builtins, name)
-    assert np.dtype(np.bool) == np.dtype(bool)
+def test_removed_aliases_are_restored_where_the_installed_detectron2_uses_them():
+    d2 = compat.detectron2_dir()
+    for name, file, _ in compat.SHIMS:
+        used = name.split(".")[-1] in (d2 / file).read_text()
+        if name == "PIL.Image.LINEAR":
+            assert not used or Image.LINEAR == Image.BILINEAR
+        elif used:
+            alias = name.split(".")[1]
+            assert np.dtype(getattr(np, alias)) == np.dtype(getattr(builtins, alias)), name
 
 
 def test_apply_is_idempotent_and_minimal():
@@ -27,6 +31,18 @@ def test_apply_restores_a_removed_name(monkeypatch):
     added = compat.apply()
     assert "PIL.Image.LINEAR" in added and "numpy.int" in added
     assert Image.LINEAR == Image.BILINEAR and np.int is int
+
+
+def test_nothing_is_added_for_a_detectron2_that_does_not_use_the_names(tmp_path, monkeypatch):
+    """detectron2 main: its sources use none of the removed names, so no shim, even on new libraries."""
+    for _, file, _ in compat.SHIMS:
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_text("interp = Image.BILINEAR\nx = np.int64(1)\n")
+    monkeypatch.delattr(Image, "LINEAR")
+    monkeypatch.delitem(np.__dict__, "int")
+    assert compat.needed_shims(tmp_path) == []
+    assert "PIL.Image.LINEAR" not in compat.apply(tmp_path) and not hasattr(Image, "LINEAR")
+    assert "int" not in np.__dict__
 
 
 def test_detectron2_v06_modules_that_use_removed_names_work():

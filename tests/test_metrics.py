@@ -1,21 +1,18 @@
 """ood_det.evaluation.metrics against scikit-learn and a brute-force FPR95; tools/ood_metrics.py."""
-import importlib.util
 import json
 import math
 import os
-import runpy
-import sys
 import time
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from ood_det.cli import ood_metrics as tool
 from ood_det.evaluation import ood_metrics
 from ood_det.evaluation.metrics import format_metrics_table, fpr_at_tpr, threshold_at_tpr
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "ood_metrics.py")
+from conftest import run_tool
 
 
 # ---------------------------------------------------------------- references
@@ -245,18 +242,6 @@ def test_format_metrics_table_prints_percentages():
 
 
 # --------------------------------------------------------------------- CLI
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("ood_metrics_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tool():
-    return _load_tool()
-
-
 @pytest.fixture()
 def score_files(tmp_path):
     rng = np.random.default_rng(21)
@@ -264,38 +249,46 @@ def score_files(tmp_path):
     for name, n, shift in (("id", 300, 2.0), ("ood", 200, 0.0)):
         energy = -rng.normal(shift, 1, n) * 3
         rep = np.tanh(rng.normal(shift, 1, n))
+        msp = 1 / (1 + np.exp(-rng.normal(shift, 1, n)))
         conf = rng.uniform(0, 1, n)
         id_score = (-energy - 1.0) / 3.0 + 0.5 * rep
         path = tmp_path / f"ood_scores_{name}.npz"
-        np.savez(path, id_score=id_score, energy=energy, rep_score=rep, scores=conf,
-                 pred_classes=rng.integers(0, 3, n))
-        files[name] = (str(path), dict(id_score=id_score, energy=energy, rep_score=rep, scores=conf))
+        arrays = dict(id_score=id_score, energy=energy, msp=msp, rep_score=rep, scores=conf)
+        np.savez(path, pred_classes=rng.integers(0, 3, n), **arrays)
+        files[name] = (str(path), arrays)
     return files
 
 
-def test_cli_round_trip_json(tool, score_files, tmp_path, capsys):
+def test_cli_round_trip_json(score_files, tmp_path, capsys):
     (id_path, ida), (ood_path, ooda) = score_files["id"], score_files["ood"]
     out = tmp_path / "sub" / "metrics.json"
     assert tool.main(["--id", id_path, "--ood", ood_path, "--score", "all", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "FPR95 (%)" in printed and "combined" in printed and "energy" in printed
     results = json.loads(out.read_text())["results"]
-    assert [r["score"] for r in results] == ["combined", "energy", "representation"]
+    assert [r["score"] for r in results] == ["id_score", "energy", "msp", "representation", "combined"]
+    ne_i, r_i = -ida["energy"], ida["rep_score"]
+
+    def combined(a):  # both terms standardized on the ID file's boxes, weight 1, by hand
+        return (-a["energy"] - ne_i.mean()) / ne_i.std(ddof=1) + (a["rep_score"] - r_i.mean()) / r_i.std(ddof=1)
+
     expected = {
-        "combined": ood_metrics(ida["id_score"], ooda["id_score"]),
+        "id_score": ood_metrics(ida["id_score"], ooda["id_score"]),
         "energy": ood_metrics(-ida["energy"], -ooda["energy"]),
+        "msp": ood_metrics(ida["msp"], ooda["msp"]),
         "representation": ood_metrics(ida["rep_score"], ooda["rep_score"]),
+        "combined": ood_metrics(combined(ida), combined(ooda)),
     }
     for r in results:
         for key, value in expected[r["score"]].items():
-            assert r[key] == value, (r["score"], key)
+            assert r[key] == pytest.approx(value, abs=1e-9), (r["score"], key)
     # energy read with the documented sign: ID data scores well
     assert expected["energy"]["auroc"] > 0.8
-    assert f"{100 * expected['combined']['fpr95']:.2f}" in printed
+    assert f"{100 * expected['id_score']['fpr95']:.2f}" in printed
     assert not [p for p in os.listdir(out.parent) if p.endswith(".tmp")]
 
 
-def test_cli_min_confidence_and_alias(tool, score_files, tmp_path):
+def test_cli_min_confidence_and_alias(score_files, tmp_path):
     (id_path, ida), (ood_path, ooda) = score_files["id"], score_files["ood"]
     out = tmp_path / "m.json"
     assert tool.main(["--id", id_path, "--ood", ood_path, "--score", "rep_score",
@@ -307,7 +300,7 @@ def test_cli_min_confidence_and_alias(tool, score_files, tmp_path):
                    **ood_metrics(ida["rep_score"][keep_i], ooda["rep_score"][keep_o])}
 
 
-def test_cli_rep_weight_recomputes_the_combined_score(tool, score_files, tmp_path, capsys):
+def test_cli_rep_weight_recomputes_the_combined_score(score_files, tmp_path, capsys):
     (id_path, ida), (ood_path, ooda) = score_files["id"], score_files["ood"]
     out = tmp_path / "w.json"
     assert tool.main(["--id", id_path, "--ood", ood_path, "--score", "energy", "--min-confidence", "0.3",
@@ -336,7 +329,7 @@ def test_cli_rep_weight_recomputes_the_combined_score(tool, score_files, tmp_pat
     assert "has no array 'rep_score'" in capsys.readouterr().err
 
 
-def test_cli_errors(tool, score_files, tmp_path, capsys):
+def test_cli_errors(score_files, tmp_path, capsys):
     id_path, ood_path = score_files["id"][0], score_files["ood"][0]
     missing = str(tmp_path / "nope.npz")
     assert tool.main(["--id", missing, "--ood", ood_path]) == 2
@@ -346,7 +339,7 @@ def test_cli_errors(tool, score_files, tmp_path, capsys):
     np.savez(only_energy, energy=np.zeros(3))
     assert tool.main(["--id", id_path, "--ood", str(only_energy), "--score", "combined"]) == 2
     err = capsys.readouterr().err
-    assert "has no array 'id_score'" in err and "energy" in err
+    assert "has no array 'rep_score'" in err and "energy" in err
 
     with_nan = tmp_path / "nan.npz"
     np.savez(with_nan, id_score=np.array([0.0, np.nan]))
@@ -359,17 +352,12 @@ def test_cli_errors(tool, score_files, tmp_path, capsys):
     assert "cannot read in-distribution score file" in capsys.readouterr().err
 
 
-def test_cli_as_a_script(score_files, monkeypatch, capsys):
-    # Runs the file as __main__ (in this interpreter: a fresh one would spend seconds importing
-    # torch and detectron2 through ood_det/__init__.py).
+def test_cli_as_a_script(score_files):
+    """tools/ood_metrics.py, run as users run it (a process of its own)."""
     (id_path, ida), (ood_path, ooda) = score_files["id"], score_files["ood"]
-    monkeypatch.setattr(sys, "argv", [TOOL, "--id", id_path, "--ood", ood_path, "--score", "energy"])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(TOOL, run_name="__main__")
-    assert done.value.code == 0
+    done = run_tool("ood_metrics.py", "--id", id_path, "--ood", ood_path, "--score", "energy")
+    assert done.returncode == 0, done.stderr[-2000:]
     want = ood_metrics(-ida["energy"], -ooda["energy"])
-    assert f"{100 * want['auroc']:.2f}" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", [TOOL, "--id", id_path])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(TOOL, run_name="__main__")
-    assert done.value.code == 2 and "--ood" in capsys.readouterr().err
+    assert f"{100 * want['auroc']:.2f}" in done.stdout
+    done = run_tool("ood_metrics.py", "--id", id_path)
+    assert done.returncode == 2 and "--ood" in done.stderr

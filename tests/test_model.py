@@ -20,8 +20,11 @@ def _batch(num_images=2, size=128):
     return batch
 
 
-@pytest.mark.parametrize("config", ["shapes_vanilla", "shapes_energy_cfl"])
-def test_one_training_step_and_inference(config):
+@pytest.mark.parametrize("config, ood_losses, fields", [
+    ("shapes_vanilla", set(), ("energy", "msp")),
+    ("shapes_energy_cfl", {"loss_cfl", "loss_energy", "loss_rep_out"}, ("energy", "msp", "rep_score")),
+])
+def test_one_training_step_and_inference(config, ood_losses, fields):
     torch.manual_seed(0)
     cfg = load_config(config)
     model = build_model(cfg)
@@ -29,9 +32,7 @@ def test_one_training_step_and_inference(config):
     model.train()
     with EventStorage(0):
         losses = model(_batch())
-    assert set(losses) == {
-        "loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_cfl", "loss_energy", "loss_rep_out"
-    }
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"} | ood_losses
     total = sum(losses.values())
     assert torch.isfinite(total)
     opt.zero_grad()
@@ -46,6 +47,7 @@ def test_one_training_step_and_inference(config):
     assert len(out) == 2
     inst = out[0]["instances"]
     assert inst.image_size == (256, 256)  # rescaled to the requested output size
-    for field in ("pred_boxes", "scores", "pred_classes", "energy", "rep_scores", "ood_scores", "is_ood"):
+    for field in ("pred_boxes", "scores", "pred_classes", *fields, "ood_score", "is_ood"):
         assert inst.has(field)
+    assert inst.has("rep_score") == ("rep_score" in fields)
     assert len(inst) <= cfg.TEST.DETECTIONS_PER_IMAGE

@@ -1,10 +1,10 @@
-"""OODPredictor and tools/visualize_ood.py on a small untrained model: pictures, JSON lines, bad input.
+"""OODPredictor and tools/visualize_ood.py on a small untrained model: pictures, JSON lines, bad input,
+post-hoc scoring of a plain detector's checkpoint.
 
 The model is built once per module and saved twice with OODCheckpointer: without
 calibration and with a hand-set one (stats and threshold taken from its own
 predictions, so that some boxes are flagged and some are not).
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -17,26 +17,18 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from conftest import REPO, run_tool
 from ood_det import OODPredictor
 from ood_det.checkpoint import OODCheckpointer
+from ood_det.cli import visualize_ood as tool
 from ood_det.config import load_config
 from ood_det.data.synthetic import ensure_split
-from ood_det.modeling.scores import ScoreStats, combined_id_score
+
+from conftest import run_tool
 
 CONFIG = "shapes_energy_cfl.yaml"
-KEYS = {"image", "box", "class", "confidence", "energy", "rep_score", "ood_score", "is_ood"}
-FIELDS = ("scores", "pred_classes", "energy", "rep_scores", "ood_scores", "is_ood")
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_ood", REPO / "tools" / "visualize_ood.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+KEYS = {"image", "pred_boxes", "pred_classes", "class_name", "scores", "energy", "msp", "rep_score", "ood_score",
+        "is_ood"}
+FIELDS = ("scores", "pred_classes", "energy", "msp", "rep_score", "ood_score", "is_ood")
 
 
 def _cfg(weights, *opts):
@@ -78,13 +70,13 @@ def checkpoints(tmp_path_factory, images):
     )
     conf = float(torch.cat([i.scores for i in instances]).quantile(0.25))  # drops a quarter of the boxes
     kept = [i[i.scores >= conf] for i in instances]
-    neg_energy = torch.cat([-i.energy for i in kept])
-    rep = torch.cat([i.rep_scores for i in kept])
-    stats = ScoreStats(neg_energy.mean(), neg_energy.std(), rep.mean(), rep.std())
-    id_scores = combined_id_score(neg_energy, rep, stats).sort().values
+    scorer = model.roi_heads.box_predictor.scorer
+    scorer.fit({k: torch.cat([i.get(k) for i in kept]) for k in ("energy", "msp", "rep_score")}, conf)
+    id_scores = scorer.id_score({k: torch.cat([i.get(k) for i in kept]) for k in ("energy", "rep_score")})
+    id_scores = id_scores.sort().values
     half = len(id_scores) // 2
-    threshold = float(id_scores[half - 1] + id_scores[half]) / 2  # between two boxes: half are flagged
-    model.roi_heads.box_predictor.calibration.set(stats, id_threshold=threshold, conf_threshold=conf)
+    with torch.no_grad():  # between two boxes: half are flagged
+        scorer.id_threshold.fill_(float(id_scores[half - 1] + id_scores[half]) / 2)
     checkpointer.save("calibrated")
     return out / "uncalibrated.pth", out / "calibrated.pth"
 
@@ -141,18 +133,18 @@ def test_is_ood_follows_calibrated_or_given_threshold(predictor, checkpoints, im
     assert predictor.calibrated
     threshold = predictor.id_threshold
     inst = predictor(image)
-    assert torch.equal(inst.is_ood, -inst.ood_scores < threshold)
+    assert torch.equal(inst.is_ood, -inst.ood_score < threshold)
 
     uncalibrated = OODPredictor(_cfg(checkpoints[0]))
     assert not uncalibrated.calibrated and uncalibrated.id_threshold is None
     raw = uncalibrated(image)
     assert not raw.is_ood.any()
     # The override applies to the raw id scores; pick one between two of them.
-    id_scores = (-raw.ood_scores).sort().values
+    id_scores = (-raw.ood_score).sort().values
     override = float(id_scores[len(id_scores) // 2 - 1] + id_scores[len(id_scores) // 2]) / 2
     uncalibrated.threshold = override
     flagged = uncalibrated(image)
-    assert torch.equal(flagged.is_ood, -flagged.ood_scores < override)
+    assert torch.equal(flagged.is_ood, -flagged.ood_score < override)
     assert 0 < int(flagged.is_ood.sum()) < len(flagged)
 
 
@@ -223,14 +215,15 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
         expected = expected[expected.scores >= conf]
         assert len(mine) == len(expected) > 0, path.name
         assert [r["is_ood"] for r in mine] == expected.is_ood.tolist()
-        assert np.allclose([r["ood_score"] for r in mine], expected.ood_scores.tolist(), atol=1e-5)
+        assert np.allclose([r["ood_score"] for r in mine], expected.ood_score.tolist(), atol=1e-5)
+        assert np.allclose([r["msp"] for r in mine], expected.msp.tolist(), atol=1e-5)
     for row in rows:
         assert set(row) == KEYS
-        assert row["class"] in predictor.class_names
-        x0, y0, x1, y1 = row["box"]
+        assert row["class_name"] == predictor.class_names[row["pred_classes"]]
+        x0, y0, x1, y1 = row["pred_boxes"]
         assert 0 <= x0 <= x1 <= 128 and 0 <= y0 <= y1 <= 128
         assert row["is_ood"] == (-row["ood_score"] < threshold)
-        assert row["confidence"] >= round(conf, 6)
+        assert row["scores"] >= round(conf, 6)
     flagged = sum(r["is_ood"] for r in rows)
     assert 0 < flagged < len(rows)
     assert f"5 images, {len(rows)} boxes (confidence >= {conf:.3g}), {flagged} flagged unknown" in proc.stdout
@@ -255,12 +248,12 @@ def test_threshold_option_overrides_and_uncalibrated_warns(checkpoints, images, 
     assert 0 < sum(r["is_ood"] for r in rows) < len(rows)
     assert "(--threshold)" in capsys.readouterr().out
 
-    confidences = sorted(r["confidence"] for r in rows)
+    confidences = sorted(r["scores"] for r in rows)
     least = (confidences[len(rows) // 2 - 1] + confidences[len(rows) // 2]) / 2
     assert tool.main(["--config-file", CONFIG, "--input", *files, "--output", str(tmp_path / "c"),
                       "--min-confidence", str(least), "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
     kept = _read_jsonl(tmp_path / "c" / "predictions.jsonl")
-    assert len(kept) == sum(r["confidence"] >= least for r in rows) < len(rows)
+    assert len(kept) == sum(r["scores"] >= least for r in rows) < len(rows)
 
 
 # ------------------------------------------------------------------ tool: bad input
@@ -376,3 +369,34 @@ def test_config_and_checkpoint_errors_are_one_line_and_write_nothing(opts, messa
     errors = _errors(capsys.readouterr().err)
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ post hoc, inference-only state
+def test_plain_detector_checkpoint_serves_post_hoc(images, tmp_path, caplog):
+    """A StandardROIHeads checkpoint through a vanilla-mode head: energy and MSP per box, one log line."""
+    cfg = load_config("shapes_vanilla.yaml", ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"])
+    torch.manual_seed(1)
+    plain = build_model(cfg)
+    torch.nn.init.normal_(plain.roi_heads.box_predictor.cls_score.weight, std=0.3)
+    OODCheckpointer(plain, save_dir=str(tmp_path)).save("plain")
+    with caplog.at_level("INFO"):
+        served = OODPredictor(load_config("shapes_vanilla.yaml", ["MODEL.WEIGHTS", str(tmp_path / "plain.pth")]))
+    assert "holds a plain detector" in caplog.text and "energy score" in caplog.text
+    assert "missing" not in caplog.text.lower() and "were not found" not in caplog.text  # nothing reported lost
+    image = _bgr(images / "test_000000.png")
+    inst = served(image)
+    assert len(inst) > 0 and not inst.has("rep_score")
+    plain.eval()
+    with torch.no_grad():
+        ref = plain([{"image": torch.as_tensor(image.copy()).permute(2, 0, 1).float(),  # INPUT.FORMAT BGR
+                      "height": 128, "width": 128}])[0]["instances"]
+    assert torch.allclose(inst.scores, ref.scores, atol=1e-5)  # the same detector
+    torch.testing.assert_close(inst.ood_score, inst.energy)  # uncalibrated energy score: -(-energy)
+
+
+def test_queues_of_another_size_do_not_block_inference(checkpoints, images):
+    """Queues are training-only: a checkpoint trained with another MODEL.OOD.QUEUE_SIZE serves."""
+    other = OODPredictor(_cfg(checkpoints[1], "MODEL.OOD.QUEUE_SIZE", "7"))
+    same = OODPredictor(_cfg(checkpoints[1]))
+    image = _bgr(images / "ood_000000.png")
+    torch.testing.assert_close(other(image).ood_score, same(image).ood_score)

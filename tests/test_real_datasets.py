@@ -131,10 +131,10 @@ def test_voc_conversion(voc_root):
     # 1-based inclusive pixel indices -> x = xmin - 1, w = xmax - xmin + 1
     assert chair["bbox"] == [0.0, 0.0, 10.0, 20.0] and chair["area"] == 200.0
     assert chair["category_id"] == class_maps.VOC_CLASSES.index("chair") + 1 and chair["iscrowd"] == 0
-    assert person["bbox"] == [4.0, 6.0, 26.0, 19.0] and person["iscrowd"] == 1  # difficult
+    assert person["bbox"] == [4.0, 6.0, 26.0, 19.0] and person["iscrowd"] == 0  # difficult: kept, as in VOS
     assert anns[2007000009][1]["bbox"] == [0.0, 0.0, 1.0, 1.0]  # a one-pixel box
     assert len(test["images"]) == 2 and len(test["annotations"]) == 3
-    assert sum(a["iscrowd"] for a in test["annotations"]) == 1
+    assert sum(a["iscrowd"] for a in test["annotations"]) == 0  # --difficult crowd: test_prepare_faults.py
     for coco in (train, calib, test):
         assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
 
@@ -178,7 +178,7 @@ def test_voc_bad_annotation_names_the_file(voc_root):
 
 
 def test_voc_registration(voc_root):
-    assert run("voc", "--root", voc_root, "--calib-fraction", 0.5)[0] == 0
+    assert run("voc", "--root", voc_root, "--calib-fraction", 0.5, "--difficult", "crowd")[0] == 0
     register_real_datasets(voc_root, prefix="t_voc_")
     dicts = DatasetCatalog.get("t_voc_voc0712_train") + DatasetCatalog.get("t_voc_voc0712_val")
     assert len(dicts) == 5
@@ -187,11 +187,12 @@ def test_voc_registration(voc_root):
     chair, person = d["annotations"]
     assert chair["category_id"] == class_maps.VOC_CLASSES.index("chair")  # contiguous, 0-based
     assert list(chair["bbox"]) == [0.0, 0.0, 10.0, 20.0] and person["iscrowd"] == 1
-    test = DatasetCatalog.get("t_voc_voc_2007_test")
+    test = DatasetCatalog.get("t_voc_voc_2007_test_coco")  # reads the file prepare_voc.py writes
     assert len(test) == 2
-    meta = MetadataCatalog.get("t_voc_voc_2007_test")
+    meta = MetadataCatalog.get("t_voc_voc_2007_test_coco")
     assert meta.thing_classes == list(class_maps.VOC_CLASSES) and meta.evaluator_type == "coco"
     assert meta.is_ood is False and Path(meta.json_file) == prepared_json(voc_root, "voc_2007_test").absolute()
+    assert prepared_json(voc_root, "voc_2007_test_coco") == prepared_json(voc_root, "voc_2007_test")
 
 
 # ---------------------------------------------------------------- BDD fixture
@@ -476,8 +477,9 @@ def test_openimages_literature_file(oi_root):
 def test_default_registration():
     registered = set(DatasetCatalog.list())
     assert set(builtin.REAL_DATASETS) <= registered
-    # detectron2's own voc_2007_test (XML loader) is replaced by the COCO-json one
-    assert MetadataCatalog.get("voc_2007_test").evaluator_type == "coco"
+    # the project's COCO-json VOC 2007 test has its own name; detectron2's voc_2007_test (XML) stays its own
+    assert MetadataCatalog.get("voc_2007_test_coco").evaluator_type == "coco"
+    assert MetadataCatalog.get("voc_2007_test").evaluator_type == "pascal_voc"
     ood = {n for n in builtin.REAL_DATASETS if MetadataCatalog.get(n).is_ood}
     assert ood == {"coco_ood_val", "coco_ood_val_bdd", "openimages_ood_val", "openimages_ood_val_bdd"}
     assert MetadataCatalog.get("coco_ood_val").thing_classes == list(class_maps.VOC_CLASSES)
@@ -515,6 +517,22 @@ def test_missing_image_folder(bdd_root):
     register_real_datasets(bdd_root, prefix="t_noimg_")
     with pytest.raises(DatasetError, match=r"image folder .*100k.val does not exist.*prepare_bdd\.py"):
         DatasetCatalog.get("t_noimg_bdd100k_val")
+
+
+def test_dataset_root_is_read_when_loaded(voc_root, tmp_path, monkeypatch):
+    """The names of ``import ood_det`` look under DETECTRON2_DATASETS as set when loaded; metadata follows."""
+    assert run("voc", "--root", voc_root)[0] == 0
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(voc_root))
+    assert len(DatasetCatalog.get("voc_2007_test_coco")) == 2
+    meta = MetadataCatalog.get("voc_2007_test_coco")
+    assert Path(meta.json_file) == prepared_json(voc_root.absolute(), "voc_2007_test")
+    assert Path(meta.image_root) == voc_root.absolute()
+
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(elsewhere))
+    with pytest.raises(DatasetError, match="elsewhere"):
+        DatasetCatalog.get("voc_2007_test_coco")
+    assert Path(MetadataCatalog.get("voc_2007_test_coco").json_file) == prepared_json(elsewhere, "voc_2007_test")
 
 
 # ---------------------------------------------------------------- command line

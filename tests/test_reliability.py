@@ -24,7 +24,6 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
 from torch import nn
 
-from conftest import REPO, run_tool
 from ood_det.checkpoint import CheckpointError, OODCheckpointer
 from ood_det.config import load_config
 from ood_det.data.bad_data import build_checked_train_loader
@@ -32,7 +31,8 @@ from ood_det.data.synthetic import ID_CLASSES, register_shapes_splits
 from ood_det.engine import NonFiniteLossError, Trainer
 from ood_det.errors import DatasetError
 from ood_det.modeling.roi_heads import EnergyCFLOutputLayers
-from ood_det.modeling.scores import ScoreStats
+
+from conftest import REPO, run_tool
 from reliability_runner import SIZES
 
 PREFIX = "reltiny"  # in this process; the runner registers the same data as "tiny"
@@ -51,7 +51,8 @@ FAST = [
     "DATASETS.OOD_TEST", "()",
     "DATASETS.OOD_CALIBRATION", "()",
 ]
-CALIBRATION = dict(stats=ScoreStats(1.5, 2.0, 0.25, 0.5), id_threshold=-0.75, conf_threshold=0.125)
+STATS = [[1.5, 2.0], [0.5, 0.125], [0.25, 0.5]]  # mean / std of -energy, msp, rep_score
+CALIBRATION = dict(id_threshold=-0.75, conf_threshold=0.125)
 
 
 # ---------------------------------------------------------------- helpers
@@ -145,7 +146,12 @@ def calibrated_init(data_root, tmp_path_factory):
     calibration then travels in every periodic checkpoint and must survive the resume."""
     folder = tmp_path_factory.mktemp("init")
     model = build_model(tiny_cfg(folder))
-    model.roi_heads.box_predictor.calibration.set(**CALIBRATION)
+    scorer = model.roi_heads.box_predictor.scorer
+    with torch.no_grad():
+        scorer.stats.copy_(torch.tensor(STATS))
+        scorer.calibrated.fill_(True)
+        for key, value in CALIBRATION.items():
+            getattr(scorer, key).fill_(value)
     OODCheckpointer(model, save_dir=str(folder)).save("init")
     return folder / "init.pth"
 
@@ -194,9 +200,9 @@ def test_resume_after_sigkill_and_kill_during_checkpoint_write(data_root, calibr
     assert restored["optimizer"]["state"], "no optimizer state (momentum) was restored"
     head = "roi_heads.box_predictor."
     assert int(restored["model"][head + "synthesizer.queue_count"].sum()) > 0, "outlier queues are empty"
-    assert bool(restored["model"][head + "calibration.calibrated"])
-    assert float(restored["model"][head + "calibration.id_threshold"]) == CALIBRATION["id_threshold"]
-    assert torch.equal(restored["model"][head + "calibration.score_stats"], CALIBRATION["stats"].to_tensor())
+    assert bool(restored["model"][head + "scorer.calibrated"])
+    assert float(restored["model"][head + "scorer.id_threshold"]) == CALIBRATION["id_threshold"]
+    assert torch.equal(restored["model"][head + "scorer.stats"], torch.tensor(STATS, dtype=torch.float64))
 
     # 3. Resume again: it finishes.
     proc = start_runner(["--resume", *args], tmp_path / "c.log", data_root)
@@ -456,14 +462,14 @@ def test_diverging_training_is_one_clear_line(data_root, tmp_path):
 
 # ---------------------------------------------------------------- determinism
 def test_same_seed_same_losses_and_ood_scores(data_root, calibrated_init, tmp_path):
-    """Two runs of one config (SEED 0, CPU, outliers drawn from iteration 2): the same losses at
+    """Two runs of one config (SEED 0, CPU, outliers drawn once the queues are full): the same losses at
     every iteration, the same final weights and the same per-box OOD scores. They start from the
     calibrated checkpoint, as calibrating a 4-iteration model on 4 images finds (almost) no box."""
     outs, losses = [], []
     for run in ("a", "b"):
         out = tmp_path / run
         proc = start_runner(
-            train_args(out, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 100, "MODEL.WEIGHTS", calibrated_init,
+            train_args(out, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 100, "MODEL.WEIGHTS", calibrated_init,
                        "DATASETS.TEST", "('tiny_test',)", "DATASETS.OOD_TEST", "('tiny_ood',)"),
             tmp_path / f"{run}.log", data_root, OOD_DET_TEST_LOSSES=tmp_path / f"{run}.losses",
         )
@@ -471,7 +477,7 @@ def test_same_seed_same_losses_and_ood_scores(data_root, calibrated_init, tmp_pa
         assert rc == 0, log[-3000:]
         outs.append(out)
         losses.append([json.loads(line) for line in (tmp_path / f"{run}.losses").read_text().splitlines()])
-    assert [r["iter"] for r in losses[0]] == [0, 1, 2, 3]
+    assert [r["iter"] for r in losses[0]] == [0, 1, 2, 3, 4, 5]
     assert losses[0] == losses[1]
     assert any(r["loss_energy"] > 0 for r in losses[0])  # the outliers (random draws) took part
     assert_same(safe_load(outs[0] / "model_final.pth")["model"], safe_load(outs[1] / "model_final.pth")["model"],

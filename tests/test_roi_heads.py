@@ -10,7 +10,8 @@ from detectron2.utils.events import EventStorage
 
 from ood_det import add_ood_config
 from ood_det.modeling.roi_heads import EnergyCFLOutputLayers, EnergyCFLROIHeads
-from ood_det.modeling.scores import energy_from_class_logits
+from ood_det.modeling.scorer import OODScorer
+from ood_det.modeling.scores import energy
 
 LOSS_KEYS = {"loss_cls", "loss_box_reg", "loss_cfl", "loss_energy", "loss_rep_out"}
 NUM_CLASSES = 3
@@ -43,7 +44,8 @@ def _inputs(num_images=2, with_gt=True, seed=0):
     proposals, targets = [], []
     for i in range(num_images):
         gt_boxes = torch.tensor([[10.0, 10.0, 100.0, 120.0], [120.0, 90.0, 200.0, 250.0]])
-        prop_boxes = torch.cat([gt_boxes + torch.randn(2, 4) * 3 for _ in range(8)] + [torch.tensor([[0.0, 0, 40, 40]])])
+        jittered = [gt_boxes + torch.randn(2, 4) * 3 for _ in range(8)]
+        prop_boxes = torch.cat(jittered + [torch.tensor([[0.0, 0, 40, 40]])])
         p = Instances((256, 256))
         p.proposal_boxes = Boxes(prop_boxes if with_gt else prop_boxes[:0])
         p.objectness_logits = torch.ones(len(p.proposal_boxes))
@@ -98,20 +100,40 @@ def test_outlier_losses_are_zero_but_in_graph_until_synthesis_starts():
     assert heads.box_predictor.energy_logistic.linear.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode, zero", [("vanilla", OOD := ("loss_cfl", "loss_energy", "loss_rep_out")), ("vos", ("loss_cfl", "loss_rep_out"))])
-def test_modes_switch_losses_off(mode, zero):
-    cfg = _cfg(MODE=mode, SCORE="energy", START_ITER=0)
+@pytest.mark.parametrize("mode, ood_losses", [("vanilla", set()), ("vos", {"loss_energy"})])
+def test_modes_build_and_train_only_their_parts(mode, ood_losses):
+    cfg = _cfg(MODE=mode, START_ITER=0)
     features, shapes, proposals, targets = _inputs()
     heads = _build(cfg, shapes)
+    pred = heads.box_predictor
+    assert pred.embed is None and pred.centers is None  # only energy_cfl trains centers
+    assert (pred.synthesizer is None) == (mode == "vanilla")
+    assert pred.scorer.available_scores == ("energy", "msp")
     for it in range(3):
         losses = _train_step(heads, features, proposals, targets, it)
-    assert set(losses) == LOSS_KEYS
-    for key in zero:
-        assert losses[key].item() == 0.0 and losses[key].requires_grad
+    assert set(losses) == {"loss_cls", "loss_box_reg"} | ood_losses
+    sum(losses.values()).backward()
     if mode == "vos":
         assert losses["loss_energy"].item() > 0
-    sum(losses.values()).backward()  # disabled losses keep their parameters in the graph
-    assert heads.box_predictor.embed[0].weight.grad is not None
+        # VOS's learnable per-class weights take part in the training energy
+        assert pred.energy_weights.shape == (NUM_CLASSES,) and pred.energy_weights.grad.abs().sum() > 0
+    names = {n for n, _ in pred.named_parameters()}
+    assert all(p.grad is not None for n, p in pred.named_parameters()), names  # DDP sees every parameter
+
+
+def test_energy_class_weights_only_in_training_energy():
+    cfg = _cfg(MODE="vos", START_ITER=0)
+    _, shapes, _, _ = _inputs()
+    pred = _build(cfg, shapes).box_predictor
+    with torch.no_grad():
+        pred.energy_weights.copy_(torch.tensor([0.1, 2.0, 0.5]))
+    logits = torch.randn(5, NUM_CLASSES + 1)
+    w = torch.tensor([0.1, 2.0, 0.5])
+    torch.testing.assert_close(pred.training_energy(logits), -torch.log((w * logits[:, :-1].exp()).sum(1)))
+    torch.testing.assert_close(pred.scorer.energy(logits), energy(logits[:, :-1]))  # the score is unweighted
+    off = _build(_cfg(MODE="vos", ENERGY_CLASS_WEIGHTS=False), shapes).box_predictor
+    assert off.energy_weights is None
+    torch.testing.assert_close(off.training_energy(logits), off.scorer.energy(logits))
 
 
 def test_empty_batch_gives_zero_losses_that_backpropagate():
@@ -135,13 +157,13 @@ def test_inference_adds_ood_fields_and_handles_no_proposals():
     with torch.no_grad():
         results, _ = heads(None, features, [proposals[0], empty])
     for r in results:
-        for field in ("pred_boxes", "scores", "pred_classes", "energy", "rep_scores", "ood_scores", "is_ood"):
+        for field in ("pred_boxes", "scores", "pred_classes", "energy", "msp", "rep_score", "ood_score", "is_ood"):
             assert r.has(field)
     assert len(results[1]) == 0
     assert len(results[0]) > 0
     assert not results[0].is_ood.any()  # not calibrated yet
     # Uncalibrated combined score: -(-energy + rep_score).
-    torch.testing.assert_close(results[0].ood_scores, results[0].energy - results[0].rep_scores)
+    torch.testing.assert_close(results[0].ood_score, results[0].energy - results[0].rep_score)
 
 
 def _predictor(**kwargs):
@@ -152,9 +174,10 @@ def _predictor(**kwargs):
         test_score_thresh=0.01,
         test_nms_thresh=0.5,
         test_topk_per_image=100,
-        mode="vanilla",
-        score_mode="energy",
+        mode="energy_cfl",
+        scorer=OODScorer(has_representation=True),
         embed_dim=4,
+        synthesizer=object(),  # inference never touches it
     )
     args.update(kwargs)
     return EnergyCFLOutputLayers(**args).eval()
@@ -166,7 +189,8 @@ def test_ood_fields_stay_aligned_with_boxes_through_nms_and_non_finite_drops():
     # Proposal 0 has a non-finite logit (detectron2 drops it before NMS, shifting every
     # index after it); proposals 1-3 overlap, so NMS keeps only the best; 4-5 are apart.
     boxes = torch.tensor(
-        [[0, 0, 20, 20], [10, 10, 50, 50], [11, 11, 51, 51], [12, 10, 52, 50], [100, 100, 140, 150], [60, 150, 90, 200]],
+        [[0, 0, 20, 20], [10, 10, 50, 50], [11, 11, 51, 51], [12, 10, 52, 50], [100, 100, 140, 150],
+         [60, 150, 90, 200]],
         dtype=torch.float32,
     )
     logits = torch.randn(6, NUM_CLASSES + 1) * 3
@@ -179,27 +203,29 @@ def test_ood_fields_stay_aligned_with_boxes_through_nms_and_non_finite_drops():
     (result,), (kept,) = pred.inference((logits, deltas, features), [props])
     assert len(result) > 0
     assert not any(torch.equal(b, boxes[0]) for b in result.pred_boxes.tensor)
-    for box, e, rep in zip(result.pred_boxes.tensor, result.energy, result.rep_scores):
+    for box, e, rep in zip(result.pred_boxes.tensor, result.energy, result.rep_score):
         src = [i for i in range(6) if torch.equal(boxes[i], box)]
         assert len(src) == 1
-        torch.testing.assert_close(e, energy_from_class_logits(logits[src[0] : src[0] + 1])[0])
-        expected_rep = pred.embeddings(features[src[0] : src[0] + 1]) @ torch.nn.functional.normalize(pred.centers, dim=1).t()
+        torch.testing.assert_close(e, energy(logits[src[0] : src[0] + 1, :-1])[0])
+        centers = torch.nn.functional.normalize(pred.centers, dim=1)
+        expected_rep = pred.embeddings(features[src[0] : src[0] + 1]) @ centers.t()
         torch.testing.assert_close(rep, expected_rep.max())
 
 
 def test_calibrated_threshold_sets_is_ood():
-    from ood_det.modeling.scores import ScoreStats
-
-    pred = _predictor()
+    pred = _predictor(mode="vanilla", scorer=OODScorer(has_representation=False), synthesizer=None)
     props = Instances((256, 256))
     props.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 30, 30], [100, 100, 150, 150]]))
     logits = torch.tensor([[8.0, 0, 0, 0], [0.1, 0.2, 0.1, 5.0]])
     inputs = (logits, torch.zeros(2, 4 * NUM_CLASSES), torch.randn(2, 6))
     pred.test_score_thresh = 0.0
-    pred.calibration.set(ScoreStats(0.0, 1.0, 0.0, 1.0), id_threshold=2.0, conf_threshold=0.0)
+    with torch.no_grad():
+        pred.scorer.calibrated.fill_(True)
+        pred.scorer.id_threshold.fill_(2.0)
     (r,), _ = pred.inference(inputs, [props])
+    assert not r.has("rep_score")
     assert r.is_ood.any() and (~r.is_ood).any()
-    torch.testing.assert_close(r.is_ood, -r.ood_scores < 2.0)
+    torch.testing.assert_close(r.is_ood, -r.ood_score < 2.0)
 
 
 @pytest.mark.parametrize(
@@ -210,6 +236,7 @@ def test_calibrated_threshold_sets_is_ood():
         ("EMBED_DIM", 0, "MODEL.OOD.EMBED_DIM"),
         ("QUEUE_SIZE", 0, "MODEL.OOD.QUEUE_SIZE"),
         ("SCORE", "bogus", "MODEL.OOD.SCORE"),
+        ("QUEUE_ROTATION", "lifo", "MODEL.OOD.QUEUE_ROTATION"),
     ],
 )
 def test_bad_config_names_the_key(key, value, message):

@@ -1,11 +1,13 @@
-"""Scores (energy, rep_score, id/ood score) and losses (CFL, energy, outlier repulsion)."""
+"""Raw scores (energy, msp, rep_score), the OODScorer (id score, calibration, decision) and
+losses (CFL, energy, outlier repulsion)."""
 import math
 
-import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
 from ood_det.modeling.losses import (
     EnergyLogistic,
     cfl_loss,
@@ -13,16 +15,8 @@ from ood_det.modeling.losses import (
     energy_loss_margin,
     rep_outlier_loss,
 )
-from ood_det.modeling.scores import (
-    ScoreStats,
-    combined_id_score,
-    compute_score_stats,
-    cosine_similarities,
-    energy,
-    energy_from_class_logits,
-    ood_score,
-    rep_score,
-)
+from ood_det.modeling.scorer import OODScorer
+from ood_det.modeling.scores import cosine_similarities, energy, msp, rep_score
 
 
 @pytest.fixture(autouse=True)
@@ -34,12 +28,28 @@ def _unit(x):
     return F.normalize(x, dim=-1)
 
 
-# ---------------------------------------------------------------- energy
+# ---------------------------------------------------------------- energy, msp
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_energy_matches_direct_formula(temperature):
     logits = torch.randn(7, 5, dtype=torch.float64) * 3
     direct = -temperature * torch.log(torch.exp(logits / temperature).sum(dim=1))
     torch.testing.assert_close(energy(logits, temperature), direct)
+
+
+def test_weighted_training_energy_is_vos_formula():
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    w = torch.tensor([0.5, -0.3, 2.0, 1.0], dtype=torch.float64)  # relu clips the negative one
+    direct = -torch.log((F.relu(w) * torch.exp(logits)).sum(dim=1))
+    torch.testing.assert_close(energy(logits, 1.0, w), direct)
+    dead = energy(logits, 1.0, torch.full((4,), -1.0, dtype=torch.float64))
+    assert torch.isfinite(dead).all()  # every weight clipped: still finite
+
+
+def test_energy_computes_in_float32_under_half_precision():
+    logits = torch.tensor([[10.0, 10.001, -3.0, 0.0], [10.0, 10.002, -3.0, 0.0]]).half()
+    e = energy(logits)
+    assert e.dtype == torch.float32
+    torch.testing.assert_close(e, energy(logits.float()))
 
 
 def test_energy_finite_for_huge_logits():
@@ -52,23 +62,32 @@ def test_energy_finite_for_huge_logits():
     assert torch.isfinite(logits.grad).all()
 
 
-def test_energy_from_class_logits_ignores_background():
+def test_scorer_energy_and_msp_ignore_background():
+    scorer = OODScorer(has_representation=False)
     class_logits = torch.randn(6, 4)  # K = 3 foreground + background
-    e = energy_from_class_logits(class_logits)
+    e, m = scorer.energy(class_logits), scorer.box_scores(class_logits)["msp"]
     torch.testing.assert_close(e, energy(class_logits[:, :3]))
+    torch.testing.assert_close(m, torch.softmax(class_logits[:, :3], dim=1).max(dim=1).values)
     changed = class_logits.clone()
     changed[:, -1] = torch.randn(6) * 100
-    torch.testing.assert_close(energy_from_class_logits(changed), e)
+    torch.testing.assert_close(scorer.energy(changed), e)
     changed[:, 0] += 5.0  # a foreground logit does matter
-    assert (energy_from_class_logits(changed) < e).all()
+    assert (scorer.energy(changed) < e).all()
+
+
+def test_msp_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    torch.testing.assert_close(msp(logits), torch.tensor([0.5, 0.75]))
 
 
 def test_energy_rejects_bad_temperature():
     with pytest.raises(ValueError, match="MODEL.OOD.ENERGY_TEMPERATURE"):
         energy(torch.zeros(2, 3), temperature=0.0)
+    with pytest.raises(ValueError, match="MODEL.OOD.ENERGY_TEMPERATURE"):
+        OODScorer(temperature=-1.0)
 
 
-# ---------------------------------------------------------------- rep score, id score
+# ---------------------------------------------------------------- rep score
 def test_rep_score_is_max_cosine_and_scale_free():
     z, c = torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
     direct = torch.stack([F.cosine_similarity(z, ck[None], dim=1) for ck in c], dim=1).max(dim=1).values
@@ -77,36 +96,93 @@ def test_rep_score_is_max_cosine_and_scale_free():
     torch.testing.assert_close(rep_score(c, c), torch.ones(3, dtype=torch.float64))
 
 
-def test_combined_id_score_modes():
-    neg_e, rep = torch.randn(50) * 4 + 10, torch.rand(50)
-    stats = compute_score_stats(neg_e, rep)
-    e_std = combined_id_score(neg_e, None, stats, mode="energy")
-    r_std = combined_id_score(neg_e, rep, stats, mode="representation")
-    for s in (e_std, r_std):  # standardized on the calibration data itself
-        torch.testing.assert_close(s.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
-        torch.testing.assert_close(s.std(), torch.tensor(1.0))
-    both = combined_id_score(neg_e, rep, stats, weight=0.5, mode="combined")
-    torch.testing.assert_close(both, e_std + 0.5 * r_std)
-    torch.testing.assert_close(ood_score(neg_e, rep, stats, 0.5, "combined"), -both)
-    # the energy term ranks boxes like -energy (lower energy = more in-distribution)
-    order = torch.argsort(neg_e)
-    assert (e_std[order].diff() > 0).all()
+# ---------------------------------------------------------------- the scorer
+def _fields():
+    return {"energy": np.array([-3.0, -1.0, -2.0, -6.0]), "msp": np.array([0.9, 0.5, 0.7, 0.8]),
+            "rep_score": np.array([0.2, 0.4, 0.0, 0.6])}
 
 
-def test_id_score_without_stats_is_raw_and_stats_round_trip():
-    neg_e, rep = torch.randn(4), torch.rand(4)
-    torch.testing.assert_close(combined_id_score(neg_e, rep, None, 2.0), neg_e + 2.0 * rep)
-    stats = ScoreStats(1.0, 2.0, 0.25, 0.5)
-    restored = ScoreStats.from_tensor(stats.to_tensor())
-    torch.testing.assert_close(combined_id_score(neg_e, rep, restored),
-                               (neg_e - 1.0) / 2.0 + (rep - 0.25) / 0.5)
+def test_uncalibrated_id_scores_are_raw_and_flag_nothing():
+    scorer = OODScorer(rep_weight=2.0)
+    f = _fields()
+    torch.testing.assert_close(scorer.id_score(f, "energy"), torch.tensor([3.0, 1.0, 2.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(scorer.id_score(f, "msp"), torch.tensor(f["msp"]))
+    torch.testing.assert_close(scorer.id_score(f), torch.tensor([3.4, 1.8, 2.0, 7.2], dtype=torch.float64))
+    torch.testing.assert_close(scorer.ood_score(f), -scorer.id_score(f))
+    assert not scorer.is_ood(scorer.id_score(f)).any()
 
 
-def test_id_score_bad_mode():
-    with pytest.raises(ValueError, match="MODEL.OOD.SCORE"):
-        combined_id_score(torch.zeros(2), torch.zeros(2), mode="energy_cfl")
-    with pytest.raises(ValueError, match="representation"):
-        combined_id_score(torch.zeros(2), None, mode="combined")
+def test_fit_by_hand():
+    """Calibration statistics and the 95% threshold, computed by hand on 20 boxes."""
+    neg_e = np.arange(1.0, 21.0)  # -energy = 1..20: mean 10.5, unbiased std sqrt(35)
+    rep = np.linspace(0.0, 0.95, 20)
+    fields = {"energy": -neg_e, "msp": np.full(20, 0.5), "rep_score": rep}
+    scorer = OODScorer(score="energy", rep_weight=0.5)
+    summary = scorer.fit(fields, conf_threshold=0.3)
+    assert summary["neg_energy_mean"] == pytest.approx(10.5)
+    assert summary["neg_energy_std"] == pytest.approx(math.sqrt(35.0))
+    assert summary["rep_score_mean"] == pytest.approx(0.475)
+    # 95% of 20 boxes = 19 kept: the threshold is the 2nd lowest id score, (2 - 10.5) / sqrt(35).
+    assert summary["id_threshold"] == pytest.approx((2.0 - 10.5) / math.sqrt(35.0))
+    assert summary["conf_threshold"] == pytest.approx(0.3) and summary["calibrated"]
+    flagged = scorer.is_ood(scorer.id_score(fields))
+    assert flagged.tolist() == [True] + [False] * 19
+    msp_std = summary["msp_std"]
+    assert msp_std == 0.0  # a constant score: standardized with std clamped, no division by 0
+    assert torch.isfinite(scorer.id_score(fields, "msp")).all()
+
+
+def test_combined_score_after_fit_is_the_weighted_sum_of_standardized_terms():
+    rng = np.random.default_rng(0)
+    fields = {"energy": rng.normal(-10, 3, 50), "msp": rng.uniform(0.3, 1, 50), "rep_score": rng.uniform(0, 1, 50)}
+    scorer = OODScorer(score="combined", rep_weight=0.5)
+    scorer.fit(fields, 0.0)
+    ne, r = -fields["energy"], fields["rep_score"]
+    want = (ne - ne.mean()) / ne.std(ddof=1) + 0.5 * (r - r.mean()) / r.std(ddof=1)
+    np.testing.assert_allclose(scorer.id_score(fields).numpy(), want, rtol=1e-6)
+    # kept share: exactly 48 of 50 boxes (ceil(0.95 * 50) = 48) are at or above the threshold
+    assert int((scorer.id_score(fields) >= scorer.id_threshold.double()).sum()) == 48
+
+
+def test_scores_follow_the_input_device_and_dtype():
+    scorer = OODScorer()
+    scorer.fit(_fields(), 0.1)
+    half = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in _fields().items()}
+    out = scorer.id_score(half)
+    assert out.dtype == torch.float32 and out.device == half["energy"].device
+
+
+@pytest.mark.parametrize("score, has_rep, message", [
+    ("bogus", True, "MODEL.OOD.SCORE must be auto or one of"),
+    ("combined", False, "needs class centers"),
+    ("representation", False, "needs class centers"),
+])
+def test_bad_score_names_the_key(score, has_rep, message):
+    with pytest.raises(ValueError, match=message):
+        OODScorer(score=score, has_representation=has_rep)
+
+
+def test_auto_score_and_available_scores():
+    assert OODScorer(has_representation=True).score_name == "combined"
+    without = OODScorer(has_representation=False)
+    assert without.score_name == "energy" and without.available_scores == ("energy", "msp")
+    with pytest.raises(ValueError, match="not available"):
+        without.id_score(_fields(), "combined")
+
+
+def test_older_calibration_state_loads():
+    """A checkpoint written before the scorer: (4,) score_stats, id threshold 0 when uncalibrated."""
+    scorer = OODScorer(rep_weight=0.5)
+    old = {"calibrated": torch.tensor(True), "score_stats": torch.tensor([1.0, 2.0, 0.25, 0.5]),
+           "id_threshold": torch.tensor(-0.7), "conf_threshold": torch.tensor(0.4)}
+    result = scorer.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(scorer.stats, torch.tensor([[1.0, 2.0], [0.0, 1.0], [0.25, 0.5]], dtype=torch.float64))
+    assert float(scorer.rep_weight) == 0.5 and float(scorer.id_threshold) == pytest.approx(-0.7)
+    fresh = OODScorer()
+    fresh.load_state_dict({"calibrated": torch.tensor(False), "score_stats": torch.tensor([0.0, 1.0, 0.0, 1.0]),
+                           "id_threshold": torch.tensor(0.0), "conf_threshold": torch.tensor(0.0)})
+    assert not fresh.is_ood(torch.tensor([-5.0])).any()  # uncalibrated: nothing is flagged
 
 
 # ---------------------------------------------------------------- CFL
@@ -139,6 +215,14 @@ def test_cfl_gradient_pulls_embedding_and_center_together():
         c_step = cosine_similarities(z, c - 1e-2 * c.grad)[torch.arange(4), y]
     assert (z_step > before).all()  # each embedding moves toward its own center
     assert (c_step > before).all()  # each center moves toward its members
+
+
+def test_cfl_gradient_matches_finite_differences():
+    """The focal factor (1 - p_y)^gamma depends on z and c: its derivative belongs to the gradient."""
+    z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2, 1, 2])
+    assert torch.autograd.gradcheck(lambda z, c: cfl_loss(z, y, c, tau=0.3, gamma=2.0), (z, c))
 
 
 def test_cfl_focal_term_down_weights_easy_members():
@@ -220,3 +304,12 @@ def test_empty_inputs_give_zero_losses_in_graph():
     sum(losses.values()).backward()
     for t in (centers, module.linear.weight, module.linear.bias, some_e):
         assert t.grad is not None and (t.grad == 0).all()
+
+
+def test_calibration_keeps_float64_through_dtype_casts():
+    scorer = OODScorer()
+    scorer.fit(_fields(), 0.123456789)
+    before = {k: v.clone() for k, v in scorer.state_dict().items()}
+    scorer.half().float()
+    for key, value in scorer.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key

@@ -1,24 +1,26 @@
 """VirtualOutlierSynthesizer: FIFO queues, readiness, checkpoints, exact sampling, distributed gather."""
 import io
 
-import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
+import numpy as np
 import pytest
 import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
 from ood_det.modeling.synthesizer import (
     VirtualOutlierSynthesizer,
     brute_force_sample,
     chi2_isf,
+    chi_radii_from_uniforms,
     top_chi_radii,
 )
 
 
-def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4, refit_period=1):
+def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4, refit_period=1, rotation="own_full"):
     return VirtualOutlierSynthesizer(K, D, queue_size=Q, start_iter=start_iter, num_candidates=N,
-                                     num_samples=S, cov_eps=eps, refit_period=refit_period)
+                                     num_samples=S, cov_eps=eps, refit_period=refit_period, rotation=rotation)
 
 
 def _fifo(syn, k):
@@ -64,6 +66,7 @@ def _exact_stats(syn):
     (dict(eps=-1e-3), "MODEL.OOD.COV_EPS"),
     (dict(refit_period=0), "MODEL.OOD.REFIT_PERIOD"),
     (dict(K=0), "MODEL.ROI_HEADS.NUM_CLASSES"),
+    (dict(rotation="lifo"), "MODEL.OOD.QUEUE_ROTATION"),
 ])
 def test_bad_config_names_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -82,6 +85,34 @@ def test_queues_are_fifo_per_class():
     assert _fifo(syn, 0) == [3, 4, 5]
     assert _fifo(syn, 1) == [13, 14, 15]
     assert syn.queue_count.tolist() == [3, 3]
+
+
+def test_vos_rotation_fills_every_queue_before_any_rotates():
+    syn = _synth(K=2, Q=3, rotation="all_full")
+    _enqueue(syn, [1, 2, 3, 4, 10], [0, 0, 0, 0, 1])  # class 0 full at once; its 4th feature is ignored
+    assert _fifo(syn, 0) == [1, 2, 3] and _fifo(syn, 1) == [10]
+    _enqueue(syn, [5, 11, 12, 13], [0, 1, 1, 1])  # still filling: class 0 keeps its first features
+    assert _fifo(syn, 0) == [1, 2, 3] and _fifo(syn, 1) == [10, 11, 12]
+    _enqueue(syn, [6, 14], [0, 1])  # all full: every queue rotates from now on
+    assert _fifo(syn, 0) == [2, 3, 6] and _fifo(syn, 1) == [11, 12, 14]
+    means, cov = _exact_stats(syn)
+    torch.testing.assert_close(syn.class_means(), means, rtol=0, atol=1e-12)
+
+
+def test_synthesis_status_is_logged_once_each(caplog):
+    syn = _synth(K=2, D=1, Q=2, start_iter=3)
+    _enqueue(syn, [1.0, 2.0, 3.0], [0, 0, 1])
+    with caplog.at_level("INFO", logger="ood_det.modeling.synthesizer"):
+        for it in range(6):
+            syn.ready(it)
+        _enqueue(syn, [4.0], [1])
+        for it in range(6, 9):
+            syn.ready(it)
+    lines = [r.getMessage() for r in caplog.records]
+    waiting = [m for m in lines if "waits for every class queue" in m]
+    started = [m for m in lines if "synthesis starts" in m]
+    assert len(waiting) == 1 and "0: 2/2, 1: 1/2" in waiting[0] and "iteration 3" in waiting[0].lower()
+    assert len(started) == 1 and "iteration 6" in started[0]
 
 
 def test_enqueue_detaches():
@@ -171,10 +202,12 @@ def test_checkpoint_shape_mismatch_names_the_keys():
 
 def test_dtype_cast_keeps_float64_statistics():
     syn = _filled(K=2, D=3, Q=10, N=5, S=1)
-    cov = syn.covariance()
-    syn.double()
-    assert syn._sum.dtype == torch.float64
-    torch.testing.assert_close(syn.covariance(), cov, rtol=0, atol=1e-12)
+    syn.half()  # queues become float16; the running sums must be rebuilt in float64, not cast
+    assert syn._sum.dtype == torch.float64 and syn._outer.dtype == torch.float64
+    means, cov = _exact_stats(syn)  # of the float16 queue contents
+    torch.testing.assert_close(syn.covariance(), cov, rtol=0, atol=1e-9)
+    syn.float()
+    torch.testing.assert_close(syn.class_means(), means, rtol=0, atol=1e-9)
 
 
 # ---------------------------------------------------------------- exact sampling
@@ -183,6 +216,17 @@ def test_chi2_isf_matches_scipy(dof):
     q = torch.tensor([0.9, 0.5, 1e-2, 1e-4, 1e-8, 1e-30], dtype=torch.float64)
     torch.testing.assert_close(chi2_isf(q, dof), torch.from_numpy(scipy.stats.chi2.isf(q.numpy(), dof)),
                                rtol=1e-9, atol=0)
+
+
+def test_radii_are_the_order_statistics_of_n_exactly():
+    """The benchmark's N = 10000 at D = 1024, by hand with scipy: an N off by one fails."""
+    N, D = 10000, 1024
+    u = torch.tensor([[0.3, 0.6, 0.9], [0.999, 0.01, 0.5]], dtype=torch.float64)
+    log_f = np.cumsum(np.log(u.numpy()) / np.array([N, N - 1, N - 2]), axis=1)  # log F(r_j^2)
+    want = np.sqrt(scipy.stats.chi2.isf(-np.expm1(log_f), D))
+    got = chi_radii_from_uniforms(u, N, D).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert not np.allclose(chi_radii_from_uniforms(u, N + 1, D).numpy(), want, rtol=1e-8, atol=0)
 
 
 def test_top_radius_has_max_of_n_distribution_at_full_size():

@@ -4,9 +4,14 @@ from .synthetic import register_shapes_splits
 
 
 def register_all():
-    """Register every dataset name of the project in detectron2's catalogs (lazily)."""
+    """Register the project's dataset names (``shapes_*`` and the real benchmarks) in detectron2's catalogs.
+
+    Nothing else: detectron2's own names stay as detectron2 registered them. Nothing is
+    read either, not even the dataset root: ``DETECTRON2_DATASETS`` is read when a
+    dataset is loaded.
+    """
     register_shapes_splits()
     register_real_datasets()
 
 
-__all__ = ["register_all", "register_shapes_splits"]
+__all__ = ["register_all", "register_real_datasets", "register_shapes_splits"]

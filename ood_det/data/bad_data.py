@@ -28,7 +28,6 @@ import re
 import zlib
 
 import torch.utils.data as torchdata
-from PIL import Image
 from detectron2.config import configurable
 from detectron2.data import (
     DatasetCatalog,
@@ -41,6 +40,7 @@ from detectron2.data import (
 from detectron2.data.build import check_metadata_consistency, print_instances_class_histogram
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.structures import BoxMode
+from PIL import Image
 
 from ..errors import ConfigError, DatasetError
 
@@ -173,14 +173,35 @@ class CheckedDatasetMapper(DatasetMapper):
             return super().__call__(dataset_dict)
         except _IMAGE_ERRORS as e:
             file_name = dataset_dict.get("file_name")
-            reason = re.sub(r" <_io\.\w+ name=.*>$", "", str(e))  # PIL repeats the file name
-            problem = f"cannot read the image ({type(e).__name__}: {reason})"
+            problem = read_problem(e)
             if self.bad_data == "fail":
                 raise DatasetError(f"{file_name}: {problem}; {FIX_HINT}") from None
             if file_name not in self._warned:
                 self._warned.add(file_name)
                 logger.warning("Skipping training image %s: %s", file_name, problem)
             return None
+
+
+def read_problem(e: Exception) -> str:
+    """What went wrong reading an image, as a short phrase."""
+    reason = re.sub(r" <_io\.\w+ name=.*>$", "", str(e))  # PIL repeats the file name
+    return f"cannot read the image ({type(e).__name__}: {reason})"
+
+
+#: Key of the item :class:`EvalDatasetMapper` returns for an image it cannot read.
+UNREADABLE = "unreadable_image"
+
+
+class EvalDatasetMapper(DatasetMapper):
+    """Test-time DatasetMapper that returns ``{UNREADABLE: file name, "problem": ...}`` for an
+    image that is missing or cannot be decoded, so that evaluation goes on with the others
+    (``ood_det.evaluation.loader`` drops these items, warns once per file and counts them)."""
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except _IMAGE_ERRORS as e:
+            return {UNREADABLE: dataset_dict.get("file_name"), "problem": read_problem(e)}
 
 
 class SkipBadImages(torchdata.Dataset):

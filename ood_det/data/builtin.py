@@ -3,17 +3,19 @@
 Every dataset is a COCO json written by a preparation script
 (``datasets/prepare_*.py``) under ``<root>/prepared/`` plus a folder of the
 original images, ``<root>`` being the dataset root (``$DETECTRON2_DATASETS``,
-else ``./datasets``). Registration is lazy: nothing is read until
-``DatasetCatalog.get(name)``, and a dataset that is not there fails only then,
-with a message naming the expected file, the script that makes it and the
-section of ``datasets/README.md`` that explains it.
+else ``./datasets``). Registration is lazy: nothing is read, not even the
+dataset root, until ``DatasetCatalog.get(name)``; a dataset that is not there
+fails only then, with a message naming the expected file, the script that
+makes it and the section of ``datasets/README.md`` that explains it. The
+loader sets the dataset's ``json_file`` / ``image_root`` metadata to the files
+it read (detectron2's COCOEvaluator reads ``json_file``).
 
 =========================  ============================================  ===================================
 name                       content                                       image root (under the dataset root)
 =========================  ============================================  ===================================
 voc0712_train              VOC 2007+2012 trainval minus calibration      ``.`` (file names ``VOC20xx/JPEGImages/...``)
 voc0712_val                calibration split of VOC 07+12 trainval       ``.``
-voc_2007_test              VOC 2007 test                                 ``.``
+voc_2007_test_coco         VOC 2007 test (``voc_2007_test.json``)        ``.``
 bdd100k_train              BDD100K train minus calibration               ``bdd100k/images/100k/train``
 bdd100k_calib              calibration split of BDD100K train            ``bdd100k/images/100k/train``
 bdd100k_val                BDD100K official val (the test set)           ``bdd100k/images/100k/val``
@@ -29,8 +31,10 @@ as ``thing_classes``, the in-distribution classes the model predicts; their own
 annotations (objects of other classes) are moved to ``"ood_annotations"``.
 
 detectron2 registers ``voc_2007_test`` itself (XML loader, "pascal_voc"
-evaluator); this module replaces that registration with the COCO-json one so
-every dataset of the project is evaluated the same way (pycocotools).
+evaluator); importing ood_det leaves it as it is and registers the same images,
+as COCO json (``prepared/voc_2007_test.json``), under a name of its own,
+``voc_2007_test_coco``, so that every dataset of the project is evaluated the
+same way (pycocotools).
 """
 import functools
 import logging
@@ -39,7 +43,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .class_maps import ID_CLASSES, coco_ood_classes
-from .synthetic import datasets_root
+from .synthetic import datasets_root, set_root_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,8 @@ _OI = dict(
 REAL_DATASETS = {
     "voc0712_train": RealDataset(**_VOC),
     "voc0712_val": RealDataset(**_VOC),
-    "voc_2007_test": RealDataset(**_VOC),
+    # Not "voc_2007_test": that name is detectron2's own (XML loader), left as detectron2 made it.
+    "voc_2007_test_coco": RealDataset(**_VOC, json_name="voc_2007_test"),
     "bdd100k_train": RealDataset(image_root="bdd100k/images/100k/train", **_BDD),
     "bdd100k_calib": RealDataset(image_root="bdd100k/images/100k/train", **_BDD),
     "bdd100k_val": RealDataset(image_root="bdd100k/images/100k/val", **_BDD),
@@ -84,15 +89,18 @@ REAL_DATASETS = {
     "openimages_ood_val_bdd": RealDataset(id_set="bdd", **_OI),
 }
 
-# Names that detectron2 registers itself and that this module takes over.
-_D2_BUILTIN = {"voc_2007_test": "pascal_voc"}
-# name -> dataset root of the registrations made here.
+# name -> dataset root of the registrations made here (None: read when loaded).
 _registered = {}
 
 
 def prepared_json(root, name: str) -> Path:
-    """Where the preparation scripts write dataset ``name`` (a key of REAL_DATASETS)."""
-    return REAL_DATASETS[name].json_file(root, name)
+    """Where the preparation scripts write ``name``: a key of REAL_DATASETS, or the stem of a
+    prepared file that a dataset of another name reads (``voc_2007_test``, read by ``voc_2007_test_coco``)."""
+    if name in REAL_DATASETS:
+        return REAL_DATASETS[name].json_file(root, name)
+    if name not in {spec.json_name for spec in REAL_DATASETS.values()}:
+        raise KeyError(f"{name!r} is neither a dataset of REAL_DATASETS nor a file that one reads")
+    return Path(root) / PREPARED_DIR / f"{name}.json"
 
 
 def _hint(spec: RealDataset, root: Path) -> str:
@@ -102,13 +110,18 @@ def _hint(spec: RealDataset, root: Path) -> str:
     )
 
 
-def load_real_dataset(name: str, base: str, root):
-    """Detectron2 dataset dicts of the real dataset ``base`` registered as ``name``."""
+def load_real_dataset(name: str, base: str, root=None):
+    """Detectron2 dataset dicts of the real dataset ``base`` registered as ``name``.
+
+    ``root`` None: the dataset root at the time of this call. The dataset's
+    ``json_file`` / ``image_root`` metadata are set to the files read.
+    """
     from detectron2.data.datasets import load_coco_json
 
     spec = REAL_DATASETS[base]
-    root = Path(root)
+    root = (Path(root) if root is not None else datasets_root()).absolute()
     json_file, image_root = spec.json_file(root, base), root / spec.image_root
+    set_root_metadata(name, json_file=json_file, image_root=image_root)
     if not json_file.is_file():
         raise DatasetError(f"dataset {name!r} is not prepared: {json_file} does not exist; {_hint(spec, root)}")
     if not image_root.is_dir():
@@ -124,32 +137,36 @@ def load_real_dataset(name: str, base: str, root):
     return dicts
 
 
-def _free_name(name: str, root: Path) -> bool:
-    """Make ``name`` available for registration; False if it must be left alone."""
+def _free_name(name: str, root) -> bool:
+    """Make ``name`` available for registration; False if it must be left alone.
+
+    Only names registered here are ever replaced: a name of detectron2 or of
+    other code stays as its owner registered it.
+    """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if name not in DatasetCatalog.list():
         return True
-    if _registered.get(name) == root:
-        return False  # already registered here, same root
-    evaluator = MetadataCatalog.get(name).get("evaluator_type")
-    if name not in _registered and _D2_BUILTIN.get(name) != evaluator:
+    if name not in _registered:
         logger.warning("dataset %r is already registered by other code; ood_det leaves it as it is", name)
         return False
+    if _registered[name] == root:
+        return False  # already registered here, same root
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
     return True
 
 
 def register_real_datasets(root=None, prefix: str = ""):
-    """Register the real benchmarks (lazily) under ``root`` as ``<prefix><name>``.
+    """Register the real benchmarks (lazily) as ``<prefix><name>``.
 
-    ``root`` defaults to the dataset root at the time of the call. Calling again
-    with another root re-registers the names there.
+    ``root`` None (the default) reads the dataset root when a dataset is
+    loaded, so ``DETECTRON2_DATASETS`` may be set after registration. Calling
+    again with another root re-registers the names there.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    root = (Path(root) if root is not None else datasets_root()).absolute()
+    root = Path(root).absolute() if root is not None else None
     for base, spec in REAL_DATASETS.items():
         name = prefix + base
         if not _free_name(name, root):
@@ -157,12 +174,11 @@ def register_real_datasets(root=None, prefix: str = ""):
         DatasetCatalog.register(name, functools.partial(load_real_dataset, name, base, root))
         classes = ID_CLASSES[spec.id_set]
         meta = MetadataCatalog.get(name)
+        # Root-independent metadata only: json_file / image_root are set when the dataset is loaded.
         meta.set(
             thing_classes=list(classes),
             thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(classes))},
             evaluator_type="coco",
-            json_file=str(spec.json_file(root, base)),
-            image_root=str(root / spec.image_root),
             is_ood=spec.ood,
         )
         if spec.ood and spec.script == "prepare_coco_ood.py":

@@ -3,8 +3,14 @@
 The scripts convert each benchmark's original annotations into COCO json files
 under ``<dataset root>/prepared/`` (see ``ood_det.data.builtin``). What they
 share lives here: the calibration-split rule, COCO json serialization, atomic
-and idempotent writes, structural validation, and the closing check (counts
-per class, in-distribution classes left in an OOD set).
+and idempotent writes, structural validation, the image checks made before
+anything is written (missing files, displayed sizes) and the closing check
+(counts per class, in-distribution classes left in an OOD set).
+
+A script refuses to write when an image of its outputs is missing (unless
+``--allow-missing``): a json that names absent files fails much later, in the
+middle of training or evaluation. The check covers every output of the run
+before the first write, so a refusal writes nothing at all.
 
 Calibration split rule (used for VOC and BDD100K): an image belongs to the
 calibration split iff the first 8 bytes of SHA-256 of ``"<seed>/<key>"``, read
@@ -25,6 +31,9 @@ from .class_maps import overlap_names
 
 CALIBRATION_FRACTION = 0.05
 CALIBRATION_SEED = 0
+EXIF_ORIENTATION = 0x0112
+SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees (transpose, rotations, transverse)
+SHOWN = 5  # file names quoted in a one-line message before "and N more"
 
 
 # ---------------------------------------------------------------- splits and json
@@ -71,10 +80,10 @@ def coco_bytes(coco: dict) -> bytes:
 
 # ---------------------------------------------------------------- files
 def write_atomic(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` unless it already holds these bytes. Returns whether it wrote.
+    """Write ``data`` to ``path`` (through ``ood_det.utils.atomic_write``) unless it already holds these bytes.
 
-    The bytes go to a temporary file in the same folder that replaces ``path``
-    in one step, so readers never see a half-written file.
+    Returns whether it wrote: a rerun that changes nothing keeps the files' times,
+    so nothing downstream thinks the data changed.
     """
     path = Path(path)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
@@ -82,7 +91,9 @@ def write_atomic(path: Path, data: bytes) -> bool:
     try:
         atomic_write(path, lambda f: f.write(data), binary=True)
     except OSError as e:
-        raise DatasetError(f"cannot write {path} ({e.strerror}); check that its folder is writable and has space") from None
+        raise DatasetError(
+            f"cannot write {path} ({e.strerror}); check that its folder is writable and has space"
+        ) from None
     return True
 
 
@@ -98,17 +109,44 @@ def read_json(path: Path, what: str):
         raise DatasetError(f"{path}: cannot read {what} ({e}); download it again") from None
 
 
-def image_size(path: Path):
-    """(width, height) read from an image file's header."""
+def image_header(path: Path):
+    """(stored width, stored height, EXIF orientation or None) of an image file; None if there is no such file.
+
+    Only the header is read for JPEG (every benchmark here); Pillow decodes a
+    PNG whose EXIF block follows the pixels, as detectron2's reader does.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size
+            return (*im.size, _orientation(im))
     except FileNotFoundError:
-        raise DatasetError(f"image {path} not found; put the dataset's images there") from None
+        return None
     except OSError as e:
         raise DatasetError(f"image {path} cannot be read ({e}); download it again") from None
+
+
+def _orientation(im):
+    try:
+        return im.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # detectron2's reader ignores an unreadable EXIF block the same way
+        return None
+
+
+def displayed_size(header) -> tuple:
+    """(width, height) after the EXIF orientation of ``header`` (see ``image_header``)."""
+    width, height, orientation = header
+    return (height, width) if orientation in SWAPS_SIDES else (width, height)
+
+
+def image_size(path: Path):
+    """(width, height) of an image as detectron2 will load it, from its header; None if the file is missing.
+
+    detectron2's ``read_image`` turns the pixels by the EXIF orientation and
+    then checks them against the json's size, so the json must hold the turned size.
+    """
+    header = image_header(path)
+    return None if header is None else displayed_size(header)
 
 
 def validate_coco(coco, path) -> None:
@@ -199,15 +237,63 @@ def id_overlap_lines(found: dict, id_set: str) -> list:
     return lines
 
 
+def listing(items, shown: int = SHOWN) -> str:
+    """The first ``shown`` items, then how many more: a list that fits in a one-line message."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def missing_images(images, image_root: Path) -> list:
+    """The entries of ``images`` (COCO image dicts) whose file is not under ``image_root``."""
+    return [im for im in images if not (Path(image_root) / im["file_name"]).is_file()]
+
+
 def missing_images_line(coco: dict, image_root: Path):
     """A line saying whether every image file of ``coco`` is under ``image_root``."""
     image_root = Path(image_root)
     if not image_root.is_dir():
         return f"  images: folder {image_root} not found (needed before training/evaluation)"
-    missing = [im["file_name"] for im in coco["images"] if not (image_root / im["file_name"]).is_file()]
+    missing = missing_images(coco["images"], image_root)
     if not missing:
         return f"  images: all {len(coco['images'])} files present under {image_root}"
-    return f"  images: {len(missing)} of {len(coco['images'])} files missing under {image_root}, e.g. {missing[0]}"
+    example = missing[0]["file_name"]
+    return f"  images: {len(missing)} of {len(coco['images'])} files missing under {image_root}, e.g. {example}"
+
+
+def check_images(root: Path, sets, allow_missing: bool, report, size_hint: str = "") -> None:
+    """Refuse (DatasetError) to write outputs that name missing image files, unless ``allow_missing``.
+
+    ``sets``: (COCO image dicts, their image folder) for every output of the
+    run, checked before the first write. Even with ``allow_missing``, an image
+    whose size only its file could give (width None) is refused: the json
+    needs it. ``size_hint`` names another way to give sizes (", or pass ...").
+    """
+    root = Path(root)
+    files = {Path(folder) / im["file_name"]: im for images, folder in sets for im in images}
+    missing = [path for path in files if not path.is_file()]
+    if not missing:
+        return
+    names = listing(_relative(path, root) for path in missing)
+    what = f"{len(missing)} of {len(files)} image files missing under {root}: {names}"
+    absent = sorted({str(_relative(Path(folder), root)) for _, folder in sets if not Path(folder).is_dir()})
+    what += f" (folder {listing(absent)} does not exist)" if absent else ""
+    if not allow_missing:
+        raise DatasetError(f"{what}; download or extract them again, or pass --allow-missing to write the json anyway")
+    unsized = [_relative(path, root) for path in missing if files[path]["width"] is None]
+    if unsized:
+        raise DatasetError(
+            f"{len(unsized)} missing images have no size but in their own file ({listing(unsized)}), "
+            f"so even --allow-missing cannot write them; download them again{size_hint}"
+        )
+    report.say(f"warning: {what}; written anyway (--allow-missing): training or evaluation stops at the first of them")
+
+
+def _relative(path: Path, root: Path):
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return path
 
 
 # ---------------------------------------------------------------- script runner
@@ -231,6 +317,15 @@ def add_calibration_args(parser, split_name: str):
     )
     parser.add_argument(
         "--calib-seed", type=int, default=CALIBRATION_SEED, help="seed of the calibration split (default: %(default)s)"
+    )
+
+
+def add_allow_missing_arg(parser):
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="write the json files even if some of their image files are missing (with a warning); "
+        "by default the script lists them and writes nothing",
     )
 
 

@@ -1,13 +1,15 @@
 """Calibration of the OOD scores on in-distribution VALIDATION data only.
 
-``calibrate(cfg, model)`` runs the model on ``DATASETS.OOD_CALIBRATION`` and
-stores in the model (buffers of ``OODCalibration``, so they travel in the
+``calibrate(cfg, model, dataset_names)`` runs the model on the validation
+split(s) (default ``DATASETS.OOD_CALIBRATION``) and stores in the model's
+:class:`~ood_det.modeling.scorer.OODScorer` (buffers, so they travel in the
 checkpoint):
 
-1. the detection-confidence threshold: F1-optimal per class, averaged over
-   classes (as the literature does, but on validation data);
-2. mean / std of -energy and of rep_score over the validation boxes that pass
-   it (they standardize the combined score);
+1. the detection-confidence threshold: the F1-optimal rule of
+   :func:`~ood_det.evaluation.boxes.f1_optimal_threshold` (the literature's
+   rule, applied here to validation data), averaged over the splits;
+2. mean / std of each raw score over the validation boxes that pass it (they
+   standardize the id scores);
 3. the id-score threshold that keeps 95% of those boxes (``is_ood`` below it).
 
 A split that is a test set (listed in ``DATASETS.TEST`` or ``DATASETS.OOD_TEST``,
@@ -16,33 +18,28 @@ marked OOD, or named ``*test*``) is refused.
 import logging
 
 import numpy as np
-import torch
-from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.evaluation import inference_on_dataset
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..errors import ConfigError
-from ..modeling.scores import combined_id_score, compute_score_stats
-from .boxes import OODEvaluator, concat_boxes, f1_optimal_threshold, ground_truth, select
-from .metrics import threshold_at_tpr
+from .boxes import OODEvaluator, concat_boxes, f1_optimal_threshold, score_fields, select
+from .loader import run_inference
 
 logger = logging.getLogger(__name__)
-
-KEEP_SHARE = 0.95
 
 
 def find_box_predictor(model):
     """The EnergyCFLOutputLayers of a (possibly DDP-wrapped) detector, or None if it has none."""
     model = getattr(model, "module", model)
     predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    return predictor if hasattr(predictor, "calibration") else None
+    return predictor if hasattr(predictor, "scorer") else None
 
 
-def box_predictor(model):
-    """:func:`find_box_predictor`, or a ConfigError saying which head is needed."""
+def find_scorer(model):
+    """The OODScorer of a detector, or a ConfigError saying which head is needed."""
     predictor = find_box_predictor(model)
     if predictor is None:
-        raise ConfigError("OOD calibration needs MODEL.ROI_HEADS.NAME: EnergyCFLROIHeads")
-    return predictor
+        raise ConfigError("OOD scores need MODEL.ROI_HEADS.NAME: EnergyCFLROIHeads")
+    return predictor.scorer
 
 
 def check_calibration_split(cfg, name: str) -> None:
@@ -61,35 +58,49 @@ def check_calibration_split(cfg, name: str) -> None:
         )
 
 
-def id_scores(predictor, arrays, mode=None, stats=None):
-    """(N,) id scores of box arrays, with the predictor's score definition and calibration."""
-    neg_energy = -torch.as_tensor(arrays["energy"], dtype=torch.float64)
-    rep = torch.as_tensor(arrays["rep_score"], dtype=torch.float64)
-    stats = predictor.calibration.stats() if stats is None else stats
-    mode = predictor.score_mode if mode is None else mode
-    return combined_id_score(neg_energy, rep, stats, predictor.rep_score_weight, mode).numpy()
-
-
 def collect_boxes(cfg, model, dataset_name: str):
-    """Box arrays of ``model`` on ``dataset_name`` (distributed inference supported)."""
-    loader = build_detection_test_loader(cfg, dataset_name)
-    return inference_on_dataset(model, loader, OODEvaluator(dataset_name))["ood_boxes"]
+    """(box arrays, ids of the images that went through the model, unreadable images) of
+    ``model`` on ``dataset_name``; distributed inference supported."""
+    res, skipped = run_inference(cfg, model, dataset_name, OODEvaluator(dataset_name))
+    return res["ood_boxes"], res["image_ids"], skipped
+
+
+def dataset_dicts_of(dataset_name: str, image_ids):
+    """The dataset dicts of ``dataset_name`` whose image is in ``image_ids`` (the evaluated ones)."""
+    keep = set(image_ids)
+    return [d for d in DatasetCatalog.get(dataset_name) if str(d["image_id"]) in keep]
+
+
+def confidence_threshold(arrays, dataset_name: str, image_ids, num_classes: int) -> float:
+    """The F1-optimal detection-confidence threshold of boxes on the evaluated images of a dataset."""
+    return f1_optimal_threshold(arrays, dataset_dicts_of(dataset_name, image_ids), num_classes)
 
 
 def calibrate(cfg, model, dataset_names=None) -> dict:
-    """Calibrate ``model`` in place on the validation split(s); returns a summary dict."""
+    """
+    Calibrate ``model``'s OOD scorer in place on in-distribution validation split(s).
+
+    Args:
+        cfg: the model's config (its DATASETS decide which splits are test splits).
+        model: a detector with ``EnergyCFLROIHeads`` (possibly DDP-wrapped).
+        dataset_names: validation splits; default ``cfg.DATASETS.OOD_CALIBRATION``.
+
+    Returns:
+        A summary dict of what was stored (plain numbers).
+    """
     names = list(dataset_names if dataset_names is not None else cfg.DATASETS.OOD_CALIBRATION)
     if not names:
         raise ConfigError("DATASETS.OOD_CALIBRATION is empty: name an in-distribution validation split")
     for name in names:
         check_calibration_split(cfg, name)
-    predictor = box_predictor(model)
-
-    parts, thresholds = [], []
-    for name in names:
-        arrays = collect_boxes(cfg, model, name)
-        thresholds.append(f1_optimal_threshold(arrays, ground_truth(name), predictor.num_classes))
+    scorer = find_scorer(model)
+    num_classes = find_box_predictor(model).num_classes
+    parts, thresholds, skipped = [], [], []
+    for name in names:  # inference_on_dataset puts the model in eval mode while it runs
+        arrays, image_ids, bad = collect_boxes(cfg, model, name)
+        thresholds.append(confidence_threshold(arrays, name, image_ids, num_classes))
         parts.append(arrays)
+        skipped += bad
     conf_threshold = float(np.mean(thresholds))
     boxes = concat_boxes(parts)
     kept = select(boxes, boxes["scores"] >= conf_threshold)
@@ -98,19 +109,7 @@ def calibrate(cfg, model, dataset_names=None) -> dict:
             f"calibration on {', '.join(names)} kept {len(kept['scores'])} box(es) above confidence "
             f"{conf_threshold:.3f}: the model detects (almost) nothing there; train longer"
         )
-    stats = compute_score_stats(
-        -torch.as_tensor(kept["energy"], dtype=torch.float64),
-        torch.as_tensor(kept["rep_score"], dtype=torch.float64),
-    )
-    id_threshold = threshold_at_tpr(id_scores(predictor, kept, stats=stats), KEEP_SHARE)
-    predictor.calibration.set(stats, id_threshold, conf_threshold)
-    summary = {
-        "datasets": names,
-        "num_boxes": int(len(kept["scores"])),
-        "conf_threshold": conf_threshold,
-        "id_threshold": float(id_threshold),
-        "score": predictor.score_mode,
-        **{k: float(v) for k, v in stats._asdict().items()},
-    }
+    summary = scorer.fit(score_fields(kept), conf_threshold)
+    summary.update(datasets=names, unreadable_images=len(skipped))
     logger.info("OOD calibration on %s: %s", ", ".join(names), summary)
     return summary

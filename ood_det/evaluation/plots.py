@@ -5,11 +5,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .. import palette  # noqa: E402
 from ..utils import atomic_write  # noqa: E402
 from .metrics import ood_metrics, roc_curve  # noqa: E402
 
-# Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
-ID_COLOUR, OOD_COLOUR, LINE_COLOUR = "#0072B2", "#E69F00", "#000000"
+ID_COLOUR, OOD_COLOUR, LINE_COLOUR = palette.BLUE, palette.ORANGE, palette.BLACK
 
 
 def _save(fig, path):
@@ -22,9 +22,12 @@ def plot_score_histogram(id_scores, ood_scores, threshold, path, title=""):
     """Histogram of id scores of ID and OOD boxes, the decision threshold marked. Returns ``path``."""
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.histogram_bin_edges(np.concatenate([id_scores, ood_scores]), bins=40)
-    ax.hist(id_scores, bins=bins, alpha=0.6, density=True, color=ID_COLOUR, label=f"in-distribution ({len(id_scores)})")
-    ax.hist(ood_scores, bins=bins, alpha=0.6, density=True, color=OOD_COLOUR, label=f"OOD ({len(ood_scores)})", hatch="//")
-    ax.axvline(threshold, color=LINE_COLOUR, linestyle="--", label=f"threshold keeping 95% of val ({threshold:.2f})")
+    ax.hist(id_scores, bins=bins, alpha=0.6, density=True, color=ID_COLOUR,
+            label=f"in-distribution ({len(id_scores)})")
+    ax.hist(ood_scores, bins=bins, alpha=0.6, density=True, color=OOD_COLOUR, label=f"OOD ({len(ood_scores)})",
+            hatch="//")
+    ax.axvline(threshold, color=LINE_COLOUR, linestyle="--",
+               label=f"threshold keeping 95% of val ({threshold:.2f})")
     ax.set_xlabel("id score (higher = more in-distribution)")
     ax.set_ylabel("density")
     ax.set_title(title)

@@ -1,36 +1,12 @@
-"""Modeling parts of ood_det: OOD scores, losses and virtual outlier synthesis.
+"""Modeling parts of ood_det: the OOD scorer, raw scores, losses and virtual outlier synthesis.
 
 The ROI heads that use them register themselves in detectron2's registries
-from their own module.
+from their own module (``ood_det.modeling.roi_heads``).
 """
-from .losses import (
-    EnergyLogistic,
-    cfl_loss,
-    energy_loss_logistic,
-    energy_loss_margin,
-    rep_outlier_loss,
-)
-from .scores import (
-    SCORE_MODES,
-    ScoreStats,
-    combined_id_score,
-    compute_score_stats,
-    cosine_similarities,
-    energy,
-    energy_from_class_logits,
-    foreground_logits,
-    ood_score,
-    rep_score,
-    standardize,
-)
-from .synthesizer import (
-    VirtualOutlierSynthesizer,
-    all_gather_features,
-    brute_force_sample,
-    chi2_isf,
-    random_unit_vectors,
-    top_chi_radii,
-)
+from .losses import EnergyLogistic, cfl_loss, energy_loss_logistic, energy_loss_margin, rep_outlier_loss
+from .scorer import KEEP_SHARE, SCORE_NAMES, OODScorer
+from .scores import cosine_similarities, energy, foreground_logits, msp, rep_score
+from .synthesizer import VirtualOutlierSynthesizer, brute_force_sample, chi2_isf, top_chi_radii
 
 __all__ = [
     "EnergyLogistic",
@@ -38,21 +14,16 @@ __all__ = [
     "energy_loss_logistic",
     "energy_loss_margin",
     "rep_outlier_loss",
-    "SCORE_MODES",
-    "ScoreStats",
-    "combined_id_score",
-    "compute_score_stats",
+    "KEEP_SHARE",
+    "SCORE_NAMES",
+    "OODScorer",
     "cosine_similarities",
     "energy",
-    "energy_from_class_logits",
     "foreground_logits",
-    "ood_score",
+    "msp",
     "rep_score",
-    "standardize",
     "VirtualOutlierSynthesizer",
-    "all_gather_features",
     "brute_force_sample",
     "chi2_isf",
-    "random_unit_vectors",
     "top_chi_radii",
 ]

@@ -1,8 +1,13 @@
-"""Out-of-distribution scores of boxes: one definition of each.
+"""Per-box scores: one definition of each raw score.
 
-Training (losses), inference (per-box fields) and metrics all call these
-functions; nothing else in the project computes an energy, a representation
-score or an id/ood score.
+Training (losses), inference (per-box fields), calibration and metrics all
+reach these through :class:`ood_det.modeling.scorer.OODScorer`, the one owner
+of how they are combined and thresholded; nothing else computes an energy, a
+softmax probability or a representation score.
+
+Every function computes in float32 at least: under mixed precision the logits
+arrive in float16, whose 10-bit mantissa would round energies of boxes that
+differ by less than a few hundredths to the same value.
 
 Shape shorthand (as in detectron2):
     R: number of boxes (proposals or detections)
@@ -10,31 +15,14 @@ Shape shorthand (as in detectron2):
        logits have K + 1 columns, the last one being background
     E: embedding size
 """
-from typing import NamedTuple, Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-SCORE_MODES = ("energy", "representation", "combined")
 
-Number = Union[float, torch.Tensor]
-
-
-def energy(logits_fg: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """
-    Energy of each box: ``-T * logsumexp(f_1..f_K / T)``. Lower = more in-distribution.
-
-    Args:
-        logits_fg: (R, K) foreground class logits (no background column; see
-            :func:`energy_from_class_logits` for detectron2's (R, K + 1) logits).
-        temperature: T > 0 (``MODEL.OOD.ENERGY_TEMPERATURE``).
-
-    Returns:
-        (R,) energies. ``logsumexp`` keeps them finite for logits of any finite size.
-    """
-    if not temperature > 0:
-        raise ValueError(f"MODEL.OOD.ENERGY_TEMPERATURE must be > 0, got {temperature}")
-    return -temperature * torch.logsumexp(logits_fg / temperature, dim=-1)
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def foreground_logits(class_logits: torch.Tensor) -> torch.Tensor:
@@ -42,18 +30,47 @@ def foreground_logits(class_logits: torch.Tensor) -> torch.Tensor:
     return class_logits[..., :-1]
 
 
-def energy_from_class_logits(class_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def energy(
+    logits_fg: torch.Tensor, temperature: float = 1.0, class_weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
-    :func:`energy` of detectron2's class logits; the background logit plays no part.
+    Energy of each box: ``-T * logsumexp(f_1..f_K / T)``. Lower = more in-distribution.
+
+    With ``class_weights`` w (training only, as VOS), each class term is weighted by
+    ``relu(w_k)``: ``-T * log sum_k relu(w_k) exp(f_k / T)``. The score used at test time
+    is always the unweighted one.
 
     Args:
-        class_logits: (R, K + 1) logits of ``FastRCNNOutputLayers``, background last.
-        temperature: T > 0.
+        logits_fg: (R, K) foreground class logits (no background column).
+        temperature: T > 0 (``MODEL.OOD.ENERGY_TEMPERATURE``).
+        class_weights: optional (K,) learnable weights w.
 
     Returns:
-        (R,) energies.
+        (R,) energies, float32 or float64. ``logsumexp`` keeps them finite for logits of any
+        finite size; a weight clipped to 0 by the relu counts as the smallest normal float,
+        so that a class whose weight died cannot make the energy infinite.
     """
-    return energy(foreground_logits(class_logits), temperature)
+    if not temperature > 0:
+        raise ValueError(f"MODEL.OOD.ENERGY_TEMPERATURE must be > 0, got {temperature}")
+    scaled = _at_least_float32(logits_fg) / temperature
+    if class_weights is not None:
+        w = F.relu(class_weights.to(scaled.dtype)).clamp(min=torch.finfo(scaled.dtype).tiny)
+        scaled = scaled + torch.log(w)
+    return -temperature * torch.logsumexp(scaled, dim=-1)
+
+
+def msp(logits_fg: torch.Tensor) -> torch.Tensor:
+    """
+    Maximum softmax probability over the K foreground classes (Hendrycks & Gimpel 2017;
+    background left out, as VOS's detection evaluation does). Higher = more in-distribution.
+
+    Args:
+        logits_fg: (R, K) foreground class logits.
+
+    Returns:
+        (R,) probabilities in [1/K, 1].
+    """
+    return F.softmax(_at_least_float32(logits_fg), dim=-1).max(dim=-1).values
 
 
 def cosine_similarities(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -67,7 +84,8 @@ def cosine_similarities(embeddings: torch.Tensor, centers: torch.Tensor) -> torc
     Returns:
         (R, K) similarities in [-1, 1].
     """
-    return F.normalize(embeddings, dim=-1) @ F.normalize(centers, dim=-1).t()
+    emb = F.normalize(_at_least_float32(embeddings), dim=-1)
+    return emb @ F.normalize(centers.to(emb.dtype), dim=-1).t()
 
 
 def rep_score(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -82,98 +100,3 @@ def rep_score(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         (R,) scores in [-1, 1].
     """
     return cosine_similarities(embeddings, centers).max(dim=-1).values
-
-
-class ScoreStats(NamedTuple):
-    """
-    Mean and std of ``-energy`` and of ``rep_score`` over in-distribution validation
-    detections (never a test set), used to standardize both before combining them.
-    Fields are floats or 0-dim tensors.
-    """
-
-    neg_energy_mean: Number = 0.0
-    neg_energy_std: Number = 1.0
-    rep_mean: Number = 0.0
-    rep_std: Number = 1.0
-
-    def to_tensor(self) -> torch.Tensor:
-        """(4,) float tensor in field order, e.g. to store as a module buffer."""
-        return torch.tensor([float(v) for v in self], dtype=torch.float32)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "ScoreStats":
-        """Inverse of :meth:`to_tensor`; ``t`` has shape (4,)."""
-        return cls(*t.unbind(0))
-
-
-def compute_score_stats(neg_energy: torch.Tensor, rep: Optional[torch.Tensor] = None) -> ScoreStats:
-    """
-    Calibration statistics from in-distribution validation detections.
-
-    Args:
-        neg_energy: (R,) ``-energy`` of the detections, R >= 2.
-        rep: (R,) ``rep_score`` of the same detections, or None when the model has
-            no embeddings (its fields are then the identity 0 / 1).
-
-    Returns:
-        ScoreStats of 0-dim tensors (std is the unbiased standard deviation).
-    """
-    rep_mean, rep_std = (0.0, 1.0) if rep is None else (rep.mean(), rep.std())
-    return ScoreStats(neg_energy.mean(), neg_energy.std(), rep_mean, rep_std)
-
-
-def standardize(x: torch.Tensor, mean: Number, std: Number, eps: float = 1e-6) -> torch.Tensor:
-    """``(x - mean) / max(std, eps)``, elementwise; ``x`` of any shape."""
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).clamp(min=eps)
-    return (x - mean) / std
-
-
-def combined_id_score(
-    neg_energy: torch.Tensor,
-    rep: Optional[torch.Tensor],
-    stats: Optional[ScoreStats] = None,
-    weight: float = 1.0,
-    mode: str = "combined",
-) -> torch.Tensor:
-    """
-    In-distribution score of each box (higher = more in-distribution).
-
-    ``mode`` (``MODEL.OOD.SCORE``):
-        "energy":         std(-energy)
-        "representation": std(rep_score)
-        "combined":       std(-energy) + weight * std(rep_score)
-    where std(.) standardizes with the calibration ``stats``. With ``stats=None``
-    (before calibration) the identity statistics are used, so scores are raw.
-
-    Args:
-        neg_energy: (R,) ``-energy(...)``.
-        rep: (R,) ``rep_score(...)``; may be None in "energy" mode.
-        stats: calibration statistics, see :class:`ScoreStats`.
-        weight: w, the weight of the representation term in "combined" mode.
-        mode: one of :data:`SCORE_MODES`.
-
-    Returns:
-        (R,) id scores.
-    """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"MODEL.OOD.SCORE must be one of {SCORE_MODES}, got {mode!r}")
-    if rep is None and mode != "energy":
-        raise ValueError(f"MODEL.OOD.SCORE={mode!r} needs representation scores (embeddings)")
-    stats = ScoreStats() if stats is None else stats
-    if mode == "energy":
-        return standardize(neg_energy, stats.neg_energy_mean, stats.neg_energy_std)
-    rep_std = standardize(rep, stats.rep_mean, stats.rep_std)
-    if mode == "representation":
-        return rep_std
-    return standardize(neg_energy, stats.neg_energy_mean, stats.neg_energy_std) + weight * rep_std
-
-
-def ood_score(
-    neg_energy: torch.Tensor,
-    rep: Optional[torch.Tensor],
-    stats: Optional[ScoreStats] = None,
-    weight: float = 1.0,
-    mode: str = "combined",
-) -> torch.Tensor:
-    """(R,) ood scores: ``-combined_id_score(...)`` (same arguments). Higher = more OOD."""
-    return -combined_id_score(neg_energy, rep, stats, weight, mode)

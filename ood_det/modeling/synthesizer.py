@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from detectron2.config import configurable
 from torch import nn
 from torch.distributions import MultivariateNormal
 
@@ -112,8 +113,17 @@ def top_chi_radii(
         (batch, num_samples) float64 radii, each row in decreasing order.
     """
     u = 1.0 - torch.rand(batch, num_samples, dtype=torch.float64, generator=generator, device=device)
-    remaining = num_candidates - torch.arange(num_samples, dtype=torch.float64, device=u.device)
-    log_cdf = torch.cumsum(u.log() / remaining, dim=1)  # log F(r_j^2)
+    return chi_radii_from_uniforms(u, num_candidates, dim)
+
+
+def chi_radii_from_uniforms(u: torch.Tensor, num_candidates: int, dim: int) -> torch.Tensor:
+    """
+    The deterministic half of :func:`top_chi_radii`: (..., S) uniforms in (0, 1] -> the
+    (..., S) radii ``r_j`` with ``F(r_1^2) = u_1^(1/N)`` and
+    ``F(r_{j+1}^2) = F(r_j^2) u_{j+1}^(1/(N - j))``, F the chi-squared(dim) CDF.
+    """
+    remaining = num_candidates - torch.arange(u.shape[-1], dtype=torch.float64, device=u.device)
+    log_cdf = torch.cumsum(u.log() / remaining, dim=-1)  # log F(r_j^2)
     return chi2_isf(-torch.expm1(log_cdf), dim).sqrt()
 
 
@@ -199,6 +209,9 @@ def all_gather_features(features: torch.Tensor, labels: torch.Tensor) -> Tuple[t
     return all_f[real], all_l[real]
 
 
+ROTATIONS = ("all_full", "own_full")
+
+
 def _require(ok: bool, key: str, value, what: str) -> None:
     if not ok:
         raise ValueError(f"{key} must be {what}, got {value}")
@@ -232,8 +245,12 @@ class VirtualOutlierSynthesizer(nn.Module):
             its Cholesky factor are refitted once every P writes to the queues (and
             whenever none is cached); in between, samples come from a Gaussian at most
             P - 1 writes old. 1 refits after every write.
+        rotation: ``MODEL.OOD.QUEUE_ROTATION``: "all_full" (VOS) keeps every queue from
+            rotating until all of them are full (a full queue ignores new features until
+            then); "own_full" makes each class queue FIFO as soon as it is full itself.
     """
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
@@ -245,6 +262,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         num_samples: int = 1,
         cov_eps: float = 1e-4,
         refit_period: int = 1,
+        rotation: str = "all_full",
     ):
         super().__init__()
         _require(num_classes >= 1, "MODEL.ROI_HEADS.NUM_CLASSES", num_classes, ">= 1")
@@ -256,9 +274,10 @@ class VirtualOutlierSynthesizer(nn.Module):
                  f"in [1, MODEL.OOD.NUM_CANDIDATES={num_candidates}]")
         _require(cov_eps >= 0, "MODEL.OOD.COV_EPS", cov_eps, ">= 0")
         _require(refit_period >= 1, "MODEL.OOD.REFIT_PERIOD", refit_period, ">= 1")
+        _require(rotation in ROTATIONS, "MODEL.OOD.QUEUE_ROTATION", repr(rotation), f"one of {ROTATIONS}")
         self.num_classes, self.feature_dim, self.queue_size = num_classes, feature_dim, queue_size
         self.start_iter, self.num_candidates, self.num_samples = start_iter, num_candidates, num_samples
-        self.cov_eps, self.refit_period = cov_eps, refit_period
+        self.cov_eps, self.refit_period, self.rotation = cov_eps, refit_period, rotation
         self.register_buffer("queue", torch.zeros(num_classes, queue_size, feature_dim))
         self.register_buffer("queue_count", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(num_classes, dtype=torch.long))
@@ -268,16 +287,30 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._stats_stale = False
         self._gaussian_cache = None  # (means, Cholesky factor), refitted every refit_period writes
         self._writes_since_fit = 0
-        self._announced = False
+        self._announced = set()  # status lines already logged: "waiting", "started"
+
+    @classmethod
+    def from_config(cls, cfg, feature_dim: int):
+        ood = cfg.MODEL.OOD
+        return {
+            "num_classes": cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            "feature_dim": feature_dim,
+            "queue_size": ood.QUEUE_SIZE,
+            "start_iter": ood.START_ITER,
+            "num_candidates": ood.NUM_CANDIDATES,
+            "num_samples": ood.NUM_SAMPLES,
+            "cov_eps": ood.COV_EPS,
+            "refit_period": ood.REFIT_PERIOD,
+            "rotation": ood.QUEUE_ROTATION,
+        }
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
                 f"queue_size={self.queue_size}, start_iter={self.start_iter}, "
                 f"num_candidates={self.num_candidates}, num_samples={self.num_samples}, "
-                f"cov_eps={self.cov_eps}, refit_period={self.refit_period}")
+                f"cov_eps={self.cov_eps}, refit_period={self.refit_period}, rotation={self.rotation}")
 
     # ---- queues ----
-    @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """
         Append features to their class queues, evicting the oldest when full.
@@ -302,6 +335,12 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._writes_since_fit += 1
         counts = torch.bincount(labels, minlength=self.num_classes)
         rank = _rank_within_class(labels, counts)
+        if self.rotation == "all_full" and not self.is_full():
+            # Filling phase (VOS): each class takes only what still fits, nothing is evicted.
+            keep = rank < (self.queue_size - self.queue_count)[labels]
+            features, labels = features[keep], labels[keep]
+            counts = torch.bincount(labels, minlength=self.num_classes)
+            rank = rank[keep]
         skip = (counts - self.queue_size).clamp(min=0)[labels]  # only the last Q of a class fit
         keep = rank >= skip
         features, labels, rank = features[keep], labels[keep], (rank - skip)[keep]
@@ -357,12 +396,24 @@ class VirtualOutlierSynthesizer(nn.Module):
         return bool((self.queue_count >= self.queue_size).all())
 
     def ready(self, iteration: int) -> bool:
-        """Whether to synthesize at ``iteration``: every queue full and iteration >= start_iter."""
-        ok = iteration >= self.start_iter and self.is_full()
-        if ok and not self._announced:
+        """Whether to synthesize at ``iteration``: every queue full and iteration >= start_iter.
+
+        Logs one line when start_iter is reached while a queue is still filling (with each
+        class's fill) and one when synthesis starts.
+        """
+        if iteration < self.start_iter:
+            return False
+        full = self.is_full()
+        if not full and "waiting" not in self._announced:
+            fill = ", ".join(f"{k}: {int(c)}/{self.queue_size}" for k, c in enumerate(self.queue_count.tolist()))
+            logger.info("Iteration %d reached MODEL.OOD.START_ITER=%d, but outlier synthesis waits for every "
+                        "class queue to fill (class: features held/MODEL.OOD.QUEUE_SIZE): %s",
+                        iteration, self.start_iter, fill)
+            self._announced.add("waiting")
+        if full and "started" not in self._announced:
             logger.info("Virtual outlier synthesis starts at iteration %d.", iteration)
-            self._announced = True
-        return ok
+            self._announced.add("started")
+        return full
 
     # ---- Gaussian fit ----
     def class_means(self) -> torch.Tensor:

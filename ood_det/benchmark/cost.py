@@ -1,0 +1,531 @@
+"""The cost part of the benchmark: what the OOD head costs next to a plain detector.
+
+Measured in this process, the two variants of each pair interleaved (order swapped every
+repeat) so that they share the machine's noise; min / median / max over the repeats:
+
+- training step (forward, backward, optimizer step) of one detector with
+  ``EnergyCFLROIHeads`` (mode energy_cfl, queues pre-filled, iteration >= START_ITER, so
+  outliers are synthesized every step) vs the same detector with ``StandardROIHeads``:
+  same weights, same fixed synthetic batch, learning rate 0 so the workload never changes;
+- inference time per image, same pair (score threshold 0: every image keeps its
+  TEST.DETECTIONS_PER_IMAGE boxes, each with OOD fields);
+- one synthesis step of ``VirtualOutlierSynthesizer`` (enqueue one batch of foreground
+  features, refit the Gaussian, draw) vs ``brute_force_sample`` (VOS: draw N per class,
+  evaluate the density, keep the least likely), with a two-sample Kolmogorov-Smirnov check
+  that both give the same outliers;
+- peak memory of the synthesis step vs the size of an N x D candidate tensor; on a GPU also the
+  peak memory (``torch.cuda.max_memory_allocated``) of a training step and an inference of each
+  detector.
+
+Preset ``full`` is the VOC head (K=20, D=1024, queue 1000, N=10000, S=1) on the shapes
+backbone at 128 px, batch 2; ``tiny`` is for tests.
+"""
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ..config import load_config
+from ..errors import ConfigError
+from ..modeling.synthesizer import VirtualOutlierSynthesizer, brute_force_sample
+
+#: Goals of the issue for the cost (reported, not enforced).
+COST_TARGETS = {"train_step_ratio": 1.10, "inference_ratio": 1.03, "synthesis_speedup": 1000.0}
+COST_PRESETS = {
+    # The VOC head (K=20 classes, 2-FC box head D=1024, VOS's queue / candidates) on the shapes backbone.
+    "full": dict(num_classes=20, fc_dim=1024, queue_size=1000, num_candidates=10000, num_samples=1,
+                 image_size=128, batch=2, repeats=7, steps=3, images=4, fg_per_step=32,
+                 synth_repeats=21, brute_repeats=3, reference_divisor=10, eq_dim=16, eq_draws=2000, full_dim_draws=400),
+    "tiny": dict(num_classes=3, fc_dim=32, queue_size=16, num_candidates=200, num_samples=1,
+                 image_size=64, batch=1, repeats=2, steps=1, images=1, fg_per_step=8,
+                 synth_repeats=3, brute_repeats=2, reference_divisor=2, eq_dim=4, eq_draws=200, full_dim_draws=40),
+}
+
+#: Settings a command line may override (the others follow the preset).
+COST_OVERRIDABLE = ("repeats", "steps", "images", "num_classes", "fc_dim", "queue_size", "num_candidates",
+                    "image_size", "batch", "brute_repeats")
+
+
+def cost_settings(scale="full", overrides=None):
+    """The preset ``scale`` with the non-None ``overrides`` of :data:`COST_OVERRIDABLE` applied."""
+    if scale not in COST_PRESETS:
+        raise ConfigError(f"unknown cost scale {scale!r}; choose one of {', '.join(sorted(COST_PRESETS))}")
+    s = dict(COST_PRESETS[scale])
+    for key, value in (overrides or {}).items():
+        if key not in COST_OVERRIDABLE:
+            raise ConfigError(f"cost setting {key!r} cannot be overridden; these can: {', '.join(COST_OVERRIDABLE)}")
+        if value is not None:
+            s[key] = value
+    return s
+
+
+def resolve_device(name):
+    """``torch.device(name)``, refusing a CUDA device that is not there (before any training)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} but no CUDA device is visible")
+    return device
+
+
+# ---------------------------------------------------------------- models and inputs
+def cost_cfg(config, s, roi_heads, device):
+    """The cost config with the preset's head sizes, ``roi_heads`` as ROI heads and LR 0."""
+    opts = [
+        "MODEL.DEVICE", str(device), "MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NAME", roi_heads,
+        "MODEL.ROI_HEADS.NUM_CLASSES", s["num_classes"], "MODEL.ROI_BOX_HEAD.FC_DIM", s["fc_dim"],
+        "MODEL.OOD.MODE", "energy_cfl", "MODEL.OOD.SCORE", "combined",
+        "MODEL.OOD.QUEUE_SIZE", s["queue_size"], "MODEL.OOD.NUM_CANDIDATES", s["num_candidates"],
+        "MODEL.OOD.NUM_SAMPLES", s["num_samples"],
+        # Every image keeps TEST.DETECTIONS_PER_IMAGE boxes, each with its OOD fields.
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 100,
+        "SOLVER.BASE_LR", 0.0,  # identical weights, hence identical work, at every step
+    ]
+    return load_config(config, [str(o) for o in opts])
+
+
+def build_cost_models(config, s, device):
+    """(baseline_model, ood_model, ood cfg): ``StandardROIHeads`` and ``EnergyCFLROIHeads``
+    detectors sharing every weight they both have, so that only the head differs."""
+    baseline_cfg = cost_cfg(config, s, "StandardROIHeads", device)
+    ood_cfg = cost_cfg(config, s, "EnergyCFLROIHeads", device)
+    torch.manual_seed(0)
+    baseline_model = build_model(baseline_cfg)
+    torch.manual_seed(0)
+    ood_model = build_model(ood_cfg)
+    missing, unexpected = ood_model.load_state_dict(baseline_model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("roi_heads.box_predictor.") for k in missing):
+        raise RuntimeError(f"cost models do not share their weights: {unexpected or missing}")
+    predictor = ood_model.roi_heads.box_predictor
+    if predictor.synthesizer.feature_dim != s["fc_dim"]:
+        raise RuntimeError(f"box feature size {predictor.synthesizer.feature_dim} != FC_DIM {s['fc_dim']}")
+    _mark_calibrated(predictor)
+    return baseline_model, ood_model, ood_cfg
+
+
+def _mark_calibrated(box_predictor):
+    """Calibrate the OOD head as a deployed one is (is_ood against a real threshold), on made-up
+    score fields: the numbers change nothing in the work a box costs."""
+    scorer = box_predictor.scorer
+    fields = {name: torch.linspace(0.0, 1.0, 8, device=scorer.stats.device) for name in scorer.raw_fields}
+    scorer.fit(fields, conf_threshold=0.0)
+
+
+def prefill(synth, seed=0, spread=3.0):
+    """Fill every class queue with Gaussian features around distinct class means."""
+    g = torch.Generator().manual_seed(seed)
+    K, Q, D = synth.num_classes, synth.queue_size, synth.feature_dim
+    means = spread * torch.randn(K, D, generator=g)
+    for k in range(K):
+        feats = means[k] + torch.randn(Q, D, generator=g)
+        synth.enqueue(feats.to(synth.queue.device), torch.full((Q,), k, dtype=torch.long, device=synth.queue.device))
+
+
+def synthetic_batch(num_images, size, num_classes, seed, device, with_instances=True):
+    """Fixed detector inputs: random uint8 images and 4 random ground-truth boxes each, already
+    on ``device`` so that no timing includes a host-to-device copy."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        item = {"image": image.to(device), "height": size, "width": size}
+        if with_instances:
+            xy = torch.rand(4, 2, generator=g) * size * 0.6
+            wh = (0.1 + 0.3 * torch.rand(4, 2, generator=g)) * size
+            inst = Instances((size, size))
+            inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+            inst.gt_classes = torch.randint(0, num_classes, (4,), generator=g)
+            item["instances"] = inst.to(device)
+        batch.append(item)
+    return batch
+
+
+# ---------------------------------------------------------------- timing helpers
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """Seconds ``fn`` takes, waiting for the GPU's queued work before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def summary(values):
+    """min / median / max (and the values) of repeated timings: noise only adds time."""
+    values = [float(v) for v in values]
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "values": values}
+
+
+def interleaved(fn_a, fn_b, repeats, device):
+    """Time ``fn_a`` and ``fn_b`` alternately (order swapped every repeat): per-repeat times and ratios b / a."""
+    times_a, times_b = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            times_a.append(timed(fn_a, device))
+            times_b.append(timed(fn_b, device))
+        else:
+            times_b.append(timed(fn_b, device))
+            times_a.append(timed(fn_a, device))
+    return times_a, times_b, [b / a for a, b in zip(times_a, times_b)]
+
+
+def _pair_result(name_a, name_b, times_a, times_b, ratios, per, target):
+    ratio = summary(ratios)
+    return {
+        "baseline": name_a, "variant": name_b, "unit": f"seconds per {per}",
+        "baseline_s": summary(times_a), "variant_s": summary(times_b),
+        "ratio": ratio, "target_max": target, "meets_target": ratio["median"] <= target,
+    }
+
+
+def cuda_peak_bytes(fn, device):
+    """Peak GPU memory allocated while ``fn`` runs (``torch.cuda.max_memory_allocated``, weights
+    included); None off CUDA, where the allocator keeps no such count."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+# ---------------------------------------------------------------- the four measurements
+def measure_train_step(baseline_model, ood_model, cfg, s, device):
+    """Seconds per training step of both detectors, outlier synthesis active in ``ood_model``."""
+    start_iter = int(cfg.MODEL.OOD.START_ITER)
+    synth = ood_model.roi_heads.box_predictor.synthesizer
+    prefill(synth)
+    batch = synthetic_batch(s["batch"], s["image_size"], s["num_classes"], 1, device)
+    optimizers = {id(m): build_optimizer(cfg, m) for m in (baseline_model, ood_model)}
+
+    def step(model, seed):
+        torch.manual_seed(seed)  # same proposal sampling in both models
+        losses = model(batch)
+        opt = optimizers[id(model)]
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+
+    # Each repeat covers whole refit periods, so that every repeat pays the same share of refits.
+    period = synth.refit_period
+    per = -(-s["steps"] // period) * period
+
+    def run(model):
+        return lambda: [step(model, i) for i in range(per)]
+
+    baseline_model.train()
+    ood_model.train()
+    with EventStorage(start_iter):
+        if not synth.ready(start_iter):
+            raise RuntimeError("outlier synthesis is not active in the cost model")
+        step(baseline_model, 0), step(ood_model, 0)  # warm-up
+        t_base, t_ood, ratios = interleaved(run(baseline_model), run(ood_model), s["repeats"], device)
+        peaks = {name: cuda_peak_bytes(lambda m=m: step(m, 0), device)
+                 for name, m in (("baseline", baseline_model), ("variant", ood_model))}
+        active = synth.ready(start_iter)
+    out = _pair_result("StandardROIHeads", "EnergyCFLROIHeads", [t / per for t in t_base],
+                       [t / per for t in t_ood], ratios, f"training step (batch {s['batch']})",
+                       COST_TARGETS["train_step_ratio"])
+    out["synthesis_active"] = active
+    out["peak_gpu_memory_bytes"] = peaks
+    out["iteration"] = start_iter
+    out["refit_period"], out["steps_per_repeat"] = period, per
+    return out
+
+
+def measure_inference(baseline_model, ood_model, s, device):
+    """Seconds per image of both detectors, one image at a time (a deployed detector's case)."""
+    images = synthetic_batch(s["images"], s["image_size"], s["num_classes"], 2, device, with_instances=False)
+    baseline_model.eval()
+    ood_model.eval()
+
+    def run(model):
+        def fn():
+            with torch.no_grad():
+                for image in images:
+                    model([image])
+        return fn
+
+    run(baseline_model)(), run(ood_model)()  # warm-up
+    t_base, t_ood, ratios = interleaved(run(baseline_model), run(ood_model), s["repeats"], device)
+    n = len(images)
+    with torch.no_grad():
+        boxes = len(ood_model([images[0]])[0]["instances"])
+    out = _pair_result("StandardROIHeads", "EnergyCFLROIHeads", [t / n for t in t_base], [t / n for t in t_ood],
+                       ratios, "image", COST_TARGETS["inference_ratio"])
+    out["boxes_per_image"] = boxes
+    out["peak_gpu_memory_bytes"] = {name: cuda_peak_bytes(run(m), device)
+                                    for name, m in (("baseline", baseline_model), ("variant", ood_model))}
+    return out
+
+
+def standalone_synthesizer(s, device, dim=None, seed=0):
+    """A synthesizer of the preset's sizes, queues full, outside any detector."""
+    synth = VirtualOutlierSynthesizer(
+        s["num_classes"], dim or s["fc_dim"], queue_size=s["queue_size"], start_iter=0,
+        num_candidates=s["num_candidates"], num_samples=s["num_samples"]).to(device)
+    prefill(synth, seed)
+    return synth
+
+
+def _fg_batch(s, dim, device, seed):
+    """The foreground features one training step enqueues."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(s["fg_per_step"], dim, generator=g)
+    return features.to(device), torch.randint(0, s["num_classes"], (s["fg_per_step"],), generator=g).to(device)
+
+
+def brute_force_gemm(means, factor, num_candidates, num_samples):
+    """
+    VOS's "draw N per class, evaluate the density, keep the S least likely", done the fast
+    way on a CPU: one (N, D) x (D, D) product draws a class's candidates, one triangular
+    solve gives their squared Mahalanobis distances (-2 log density + const). Global RNG.
+    (``brute_force_sample`` does the same through torch.distributions, whose sample() is a
+    batch of N matrix-vector products: far slower on a CPU.)
+
+    Args:
+        means: (K, D) class means.
+        factor: (D, D) lower Cholesky factor of the shared covariance.
+
+    Returns:
+        (K*S, D) outliers (per class, least likely first) and (K*S,) int64 class ids.
+    """
+    kept = []
+    for mean in means:
+        noise = torch.randn(num_candidates, len(mean), dtype=means.dtype, device=means.device)
+        candidates = mean + noise @ factor.t()
+        dist2 = torch.linalg.solve_triangular(factor, (candidates - mean).t(), upper=False).pow(2).sum(dim=0)
+        kept.append(candidates[dist2.topk(num_samples).indices])
+    labels = torch.arange(len(means), device=means.device).repeat_interleave(num_samples)
+    return torch.cat(kept), labels
+
+
+def _speedup(slow, fast):
+    """min / median / max of slow / fast: worst case, typical, best case."""
+    return {"min": slow["min"] / fast["max"], "median": slow["median"] / fast["median"],
+            "max": slow["max"] / fast["min"]}
+
+
+def _add(a, b):
+    return {k: a[k] + b[k] for k in ("min", "median", "max")}
+
+
+def measure_synthesis(s, device):
+    """
+    The synthesizer vs brute force (float32, as VOS). Three comparisons:
+
+    - draw (the headline): ``sample()`` with the Gaussian fitted vs ``brute_force_gemm``
+      on one class, scaled by K;
+    - step: what a training step pays after its enqueue, refit (class means, covariance,
+      Cholesky factor: the same for both) plus draw;
+    - reference: ``brute_force_sample`` (torch.distributions, as VOS's code) on one class
+      with N / reference_divisor candidates, its Cholesky taken out, scaled by
+      K x reference_divisor (its cost is linear in N), plus the refit.
+    """
+    K, N, D, S = s["num_classes"], s["num_candidates"], s["fc_dim"], s["num_samples"]
+    synth = standalone_synthesizer(s, device)
+    fg, fg_labels = _fg_batch(s, D, device, seed=3)
+
+    def synthesis_step():
+        synth.enqueue(fg, fg_labels)  # new features: the synthesizer refits its Gaussian
+        synth.sample()
+
+    def refit():
+        synth.enqueue(fg, fg_labels)
+        synth.class_means(), torch.linalg.cholesky(synth.covariance())
+
+    synthesis_step(), refit()
+    step_t, refit_t, _ = interleaved(synthesis_step, refit, s["synth_repeats"], device)
+    synth.sample()
+    sample_t = [timed(synth.sample, device) for _ in range(s["synth_repeats"])]
+    means, cov = synth.class_means(), synth.covariance()
+    means32, cov32 = means.float(), cov.float()
+    factor32 = torch.linalg.cholesky(cov32)
+    torch.manual_seed(4)
+    draw_one, brute_radii = [], []
+    for _ in range(s["brute_repeats"]):
+        kept = {}
+        draw_one.append(timed(lambda: kept.update(x=brute_force_gemm(means32[:1], factor32, N, S)[0]), device))
+        brute_radii.append(mahalanobis_radii(kept["x"], means[:1].expand(len(kept["x"]), -1), cov))
+    chol = statistics.median(timed(lambda: torch.linalg.cholesky(cov32), device) for _ in range(3))
+    n_ref = max(1, N // s["reference_divisor"])
+    ref_one = [timed(lambda: brute_force_sample(means32[:1], cov32, n_ref, S), device)
+               for _ in range(s["brute_repeats"])]
+    step, refit_s, sample = summary(step_t), summary(refit_t), summary(sample_t)
+    draw = summary([K * t for t in draw_one])
+    reference = summary([K * (N / n_ref) * max(t - chol, 0.0) for t in ref_one])
+    speedup = _speedup(draw, sample)
+    return {
+        "num_classes": K, "feature_dim": D, "num_candidates": N, "num_samples": S,
+        "fg_features_per_step": s["fg_per_step"],
+        "synthesis_step_s": step, "sample_only_s": sample, "refit_s": refit_s,
+        "brute_force_one_class_s": summary(draw_one), "brute_force_s": draw,
+        "brute_force_step_s": _add(refit_s, draw),
+        "reference_one_class_s": summary(ref_one), "reference_candidates": n_ref, "reference_cholesky_s": chol,
+        "reference_step_s": _add(refit_s, reference),
+        "brute_force_note": (f"brute force = brute_force_gemm in float32 (as VOS), timed on one class and "
+                             f"scaled by K={K}; reference = brute_force_sample (torch.distributions) on one "
+                             f"class with N={n_ref}, minus its Cholesky, scaled by K x {N / n_ref:g}"),
+        "speedup": speedup,
+        "speedup_step": _speedup(_add(refit_s, draw), step),
+        "speedup_reference_step": _speedup(_add(refit_s, reference), step),
+        "target_min": COST_TARGETS["synthesis_speedup"],
+        "meets_target": speedup["median"] >= COST_TARGETS["synthesis_speedup"],
+        "_full_dim": (synth, means, cov, torch.cat(brute_radii)),
+    }
+
+
+# ---------------------------------------------------------------- equivalence and memory
+def mahalanobis_radii(x, means, cov):
+    """|L^-1 (x - mean)| per row, L the Cholesky factor of ``cov`` (float64)."""
+    factor = torch.linalg.cholesky(cov.double())
+    e = torch.linalg.solve_triangular(factor, (x.double() - means.double()).t(), upper=False)
+    return e.norm(dim=0).cpu()
+
+
+def ks_2samp(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic and asymptotic p-value (no scipy needed)."""
+    a, b = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    n, m = len(a), len(b)
+    both = np.concatenate([a, b])
+    d = float(np.max(np.abs(np.searchsorted(a, both, "right") / n - np.searchsorted(b, both, "right") / m)))
+    en = math.sqrt(n * m / (n + m))
+    lam = (en + 0.12 + 0.11 / en) * d
+    if lam < 0.2:
+        return d, 1.0
+    j = np.arange(1, 101)
+    p = 2.0 * float(np.sum((-1.0) ** (j - 1) * np.exp(-2.0 * j**2 * lam**2)))
+    return d, min(max(p, 0.0), 1.0)
+
+
+def _draw(fn, rounds):
+    xs, labels = zip(*(fn() for _ in range(rounds)))
+    return torch.cat(xs), torch.cat(labels)
+
+
+def equivalence_check(s, device, full):
+    """
+    Same outliers? Mahalanobis radii of synthesizer draws vs ``brute_force_sample`` (the
+    reference) and ``brute_force_gemm`` (the timed baseline) draws: KS at a small D where
+    brute force is cheap; mean radius against the timed brute-force draws at full D.
+    """
+    K, N, S, D = s["num_classes"], s["num_candidates"], s["num_samples"], s["eq_dim"]
+    synth = standalone_synthesizer(s, device, dim=D, seed=5)
+    means, cov = synth.class_means(), synth.covariance()
+    factor = torch.linalg.cholesky(cov)
+    rounds = max(1, math.ceil(s["eq_draws"] / (K * S)))
+    torch.manual_seed(6)
+    radii = {}
+    for name, fn in (("synthesizer", synth.sample),
+                     ("brute_force_sample", lambda: brute_force_sample(means, cov, N, S)),
+                     ("brute_force_gemm", lambda: brute_force_gemm(means, factor, N, S))):
+        x, labels = _draw(fn, rounds)
+        radii[name] = mahalanobis_radii(x, means[labels], cov)
+    ks_d, ks_p = ks_2samp(radii["synthesizer"].numpy(), radii["brute_force_sample"].numpy())
+    gemm_d, gemm_p = ks_2samp(radii["synthesizer"].numpy(), radii["brute_force_gemm"].numpy())
+    full_synth, full_means, full_cov, brute_radii = full
+    xf, lf = _draw(full_synth.sample, max(1, math.ceil(s["full_dim_draws"] / (K * S))))
+    rf = mahalanobis_radii(xf, full_means[lf], full_cov)
+    z = (brute_radii.mean() - rf.mean()) / (rf.std() * math.sqrt(1 / len(brute_radii) + 1 / len(rf)))
+    return {
+        "dim": D, "num_classes": K, "num_candidates": N, "num_samples": S, "draws": len(radii["synthesizer"]),
+        "statistic": "Mahalanobis radius |L^-1 (x - mu_k)| of the kept outliers",
+        "ks_statistic": ks_d, "ks_pvalue": ks_p, "ks_statistic_gemm": gemm_d, "ks_pvalue_gemm": gemm_p,
+        "mean_radius_synthesizer": float(radii["synthesizer"].mean()),
+        "mean_radius_brute_force": float(radii["brute_force_sample"].mean()),
+        "mean_radius_brute_force_gemm": float(radii["brute_force_gemm"].mean()),
+        "full_dim": {
+            "dim": s["fc_dim"], "draws_synthesizer": len(rf), "draws_brute_force": len(brute_radii),
+            "mean_radius_synthesizer": float(rf.mean()), "sd_radius_synthesizer": float(rf.std()),
+            "mean_radius_brute_force": float(brute_radii.mean()),
+            "z_score": float(z),
+        },
+    }
+
+
+def peak_memory(fn, device):
+    """(peak bytes above the start, largest single allocation, method) while ``fn`` runs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, None, "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    allocs = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    running = peak = largest = 0
+    for e in allocs:
+        running += e["args"]["Bytes"]
+        peak, largest = max(peak, running), max(largest, e["args"]["Bytes"])
+    return peak, largest, "torch.profiler (profile_memory=True), allocator events"
+
+
+def measure_memory(s, device, synth_result):
+    """Peak memory of one synthesis step (and of brute force on one class) vs an N x D tensor."""
+    synth = synth_result["_full_dim"][0]
+    K, N, D, S = s["num_classes"], s["num_candidates"], s["fc_dim"], s["num_samples"]
+    fg, fg_labels = _fg_batch(s, D, device, seed=7)
+    peak, largest, method = peak_memory(lambda: (synth.enqueue(fg, fg_labels), synth.sample()), device)
+    means, factor = synth.class_means().float(), torch.linalg.cholesky(synth.covariance()).float()
+    brute_peak, brute_largest, _ = peak_memory(lambda: brute_force_gemm(means[:1], factor, N, S), device)
+    candidate = N * D * synth.queue.element_size()
+    return {
+        "method": method,
+        "synthesis_step_peak_bytes": peak, "synthesis_step_largest_allocation_bytes": largest,
+        "brute_force_one_class_peak_bytes": brute_peak, "brute_force_one_class_largest_allocation_bytes": brute_largest,
+        "candidate_tensor_bytes_per_class": candidate, "candidate_tensor_bytes_all_classes": K * candidate,
+        "candidate_tensor_note": f"an N x D = {N} x {D} {synth.queue.dtype} candidate tensor per class",
+        "no_candidate_tensor": (largest if largest is not None else peak) < candidate,
+    }
+
+
+def run_cost(settings, device, config="shapes_energy_cfl.yaml", scale="full"):
+    """All cost measurements with ``settings`` (see :func:`cost_settings`) on ``device``.
+
+    Args:
+        config: the config whose backbone the cost detectors use (trained from scratch).
+        scale: the preset's name, recorded with the settings.
+    """
+    s, device = settings, torch.device(device)
+    start = time.perf_counter()
+    print(f"[benchmark] cost ({scale}: K={s['num_classes']} D={s['fc_dim']} Q={s['queue_size']} "
+          f"N={s['num_candidates']}) ...", flush=True)
+    baseline_model, ood_model, cfg = build_cost_models(config, s, device)
+    train = measure_train_step(baseline_model, ood_model, cfg, s, device)
+    infer = measure_inference(baseline_model, ood_model, s, device)
+    del baseline_model, ood_model
+    synth = measure_synthesis(s, device)
+    equiv = equivalence_check(s, device, synth["_full_dim"])
+    memory = measure_memory(s, device, synth)
+    synth.pop("_full_dim")
+    recorded = dict(s, scale=scale, config=config, device=str(device), torch_threads=torch.get_num_threads(),
+                    backbone="the cost config's, from scratch",
+                    optimizer="detectron2 build_optimizer with SOLVER.BASE_LR 0 (weights never change)")
+    return {"settings": recorded, "train_step": train, "inference": infer, "synthesis": synth,
+            "equivalence": equiv, "memory": memory, "wall_time_s": round(time.perf_counter() - start, 2)}

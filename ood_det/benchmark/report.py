@@ -1,0 +1,339 @@
+"""The benchmark's result document and its renderings: JSON, markdown and a chart.
+
+One result dict (see :func:`new_result`) holds everything; the markdown and the chart are drawn
+from it alone, so the three files of a run always agree. Every file is written atomically: a
+reader (or a commit) never sees half of one.
+
+Top-level keys of the JSON: ``command``, ``commit`` (``git rev-parse HEAD``), ``worktree_dirty``,
+``machine``, ``versions``, ``started_at``, ``finished_at``, ``wall_time_s``, ``complete``,
+``settings`` (``quality``: the plan), ``seeds``, ``configured_score`` (method -> score),
+``rows`` (:func:`ood_det.benchmark.stats.aggregate`), ``comparisons``
+(:func:`ood_det.benchmark.stats.comparisons`), ``runs`` (one record per method x seed),
+``cost`` (:func:`ood_det.benchmark.cost.run_cost`, or None) and ``files``.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..env_info import describe as describe_versions
+from ..evaluation.metrics import format_metrics_table
+from ..palette import OKABE_ITO
+from ..utils import atomic_write
+from . import stats
+from .provenance import commit_info, display_command, machine_info, now
+from .runs import configured_scores
+
+#: Hatches beside the colours, so that bars differ in grey-scale print too.
+HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
+#: What the synthetic benchmark's OOD test sets stand for (DESIGN.md, "The synthetic benchmark").
+OOD_SET_KINDS = {"shapes_ood": "near", "shapes_ood_far": "far"}
+METRIC_TITLES = {"fpr95": "FPR95 (pts)", stats.REL_REDUCTION: "FPR95 relative reduction (%)",
+                 "auroc": "AUROC (pts)", "ap": "AP (pts)"}
+PROTOCOL_NOTES = {
+    "clean": "detection-confidence threshold calibrated on in-distribution validation data",
+    "published": "threshold chosen on the in-distribution TEST set, as VOS did; compares with the literature",
+}
+
+
+def file_names(stem):
+    """JSON, markdown and chart names of one benchmark (``<config prefix>benchmark``)."""
+    return {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png"}
+
+
+def new_result(device, argv=None):
+    """The result document before anything ran: provenance, and empty results."""
+    sha, dirty = commit_info()
+    return {
+        "command": display_command(argv), "commit": sha, "worktree_dirty": dirty,
+        "machine": machine_info(device), "versions": describe_versions(), "started_at": now(),
+        "finished_at": None, "wall_time_s": 0.0, "complete": False, "settings": {}, "seeds": [],
+        "configured_score": {}, "rows": [], "comparisons": [], "runs": [], "cost": None, "files": {},
+    }
+
+
+def finish_result(result, wall_time_s, complete):
+    """Stamp the end: finish time, wall time, and whether every run finished."""
+    result.update(finished_at=now(), wall_time_s=round(wall_time_s, 2), complete=bool(complete))
+    return result
+
+
+def add_quality(result, plan, records):
+    """Fill in the quality part: the plan, the runs, and their statistics."""
+    configured = configured_scores(records, plan["config_scores"])
+    result["settings"]["quality"] = plan
+    result.update(seeds=list(plan["seeds"]), runs=records, configured_score=configured,
+                  rows=stats.aggregate(records, configured), comparisons=stats.comparisons(records, configured))
+    return result
+
+
+# ---------------------------------------------------------------- markdown: quality
+def _pm(mean, sd, digits=2):
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def _set_name(ood_set):
+    kind = OOD_SET_KINDS.get(ood_set)
+    return f"{ood_set} ({kind})" if kind else ood_set
+
+
+def _quality_row(row):
+    metrics = {k: _pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in ("ap", *stats.ROW_METRICS)}
+    return {"method": row["method"], "score": row["score"], "ood_set": _set_name(row["ood_set"]),
+            **metrics, "seeds": str(row["n_seeds"])}
+
+
+QUALITY_COLUMNS = ["method", "score", "ood_set", "ap", *stats.ROW_METRICS, "seeds"]
+QUALITY_TITLES = {"ood_set": "OOD set", "ap": "AP", "fpr95": "FPR95 (%)", "auroc": "AUROC (%)",
+                  "aupr_in": "AUPR-In (%)", "aupr_out": "AUPR-Out (%)"}
+
+
+def _quality_table(rows):
+    return format_metrics_table([_quality_row(r) for r in rows], columns=QUALITY_COLUMNS, percent=(),
+                                titles=QUALITY_TITLES)
+
+
+def _verdict(c):
+    if c["significant"] is None:
+        return f"n = {c['n_seeds']}: no interval"
+    return "significant" if c["significant"] else "within noise"
+
+
+def _met(c):
+    if c["target"] is None:
+        return "-"
+    return {True: "met", False: "missed", None: "undetermined"}[c["met"]]
+
+
+def _diff_cell(c):
+    if c["diff_mean"] is None:
+        return "-"
+    if c["ci95_low"] is None:
+        return f"{c['diff_mean']:+.2f}"
+    return f"{c['diff_mean']:+.2f} [{c['ci95_low']:+.2f}, {c['ci95_high']:+.2f}]"
+
+
+def _comparison_row(c):
+    return {"comparison": f"{c['method']} ({c['method_score']}) - {c['baseline']} ({c['baseline_score']})",
+            "ood_set": _set_name(c["ood_set"]), "metric": METRIC_TITLES.get(c["metric"], c["metric"]),
+            "diff": _diff_cell(c), "verdict": _verdict(c), "target": c["target"] or "-", "met": _met(c)}
+
+
+COMPARISON_TITLES = {"ood_set": "OOD set", "diff": "difference [95% CI]", "verdict": "paired t, 95%"}
+
+
+def _targets_lines(comparisons):
+    lines = []
+    for c in comparisons:
+        if c["target"] is not None:
+            lines.append(f"- {c['method']} vs {c['baseline']}, {_set_name(c['ood_set'])}, "
+                         f"{METRIC_TITLES.get(c['metric'], c['metric'])} {c['target']}: {_diff_cell(c)} -> "
+                         f"**{_met(c)}**")
+    return lines
+
+
+def quality_markdown(result):
+    """Headline, goals, comparisons and all-scores tables of the quality part."""
+    plan, rows, comps = result["settings"].get("quality"), result["rows"], result["comparisons"]
+    if not plan or not rows:
+        return []
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    lines = [
+        "## Quality", "",
+        f"{len(plan['seeds'])} seed(s) {plan['seeds']}; schedule {plan['schedule']} (config schedule x "
+        f"{plan['schedule_scale']:.3g}); values are mean ± sample sd over seeds, in %; AP is COCO-style mAP.",
+        "", "### Headline: clean protocol, each method's configured score", "",
+        f"Configured scores: {', '.join(f'{m} {s}' for m, s in result['configured_score'].items())}; "
+        f"{PROTOCOL_NOTES['clean']}.", "",
+        _quality_table([r for r in rows if r["protocol"] == "clean" and r["configured"]]), "",
+        "### Targets (clean protocol; met only when the whole 95% interval is on the goal's side)", "",
+        *(_targets_lines(comps) or ["No goal applies to these methods and OOD sets."]), "",
+    ]
+    for protocol in protocols:
+        table = [_comparison_row(c) for c in comps if c["protocol"] == protocol]
+        if table:
+            lines += [f"### Paired differences, {protocol} protocol (method minus baseline, same seed)", "",
+                      "Each method with its configured score; 'within noise': the interval crosses 0.", "",
+                      format_metrics_table(table, percent=(), titles=COMPARISON_TITLES), ""]
+    for protocol in protocols:
+        lines += [f"### All scores, {protocol} protocol ({PROTOCOL_NOTES.get(protocol, protocol)})", "",
+                  _quality_table([r for r in rows if r["protocol"] == protocol]), ""]
+    return lines
+
+
+# ---------------------------------------------------------------- markdown: cost
+def _sec(x):
+    return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _mmm(d, fmt):
+    return " / ".join(fmt(d[k]) for k in ("min", "median", "max"))
+
+
+def _cost_row(measure, base_name, base, var_name, var, ratio, fmt, target, met):
+    return {"measure": measure, "baseline": f"{base_name} {_mmm(base, _sec)}",
+            "variant": f"{var_name} {_mmm(var, _sec)}", "ratio": _mmm(ratio, fmt), "target": target,
+            "met": "-" if met is None else ("yes" if met else "no")}
+
+
+def _ratio(x):
+    return f"{x:.3f}"
+
+
+def _times(x):
+    return f"{x:.0f}x"
+
+
+def _cost_rows(st, tr, inf, syn):
+    baseline_name, ood_name = "StandardROIHeads", "EnergyCFLROIHeads"
+    return [
+        _cost_row(f"training step (batch {st['batch']})", baseline_name, tr["baseline_s"], ood_name,
+                  tr["variant_s"], tr["ratio"], _ratio, f"<= {tr['target_max']:.2f}", tr["meets_target"]),
+        _cost_row("inference per image", baseline_name, inf["baseline_s"], ood_name, inf["variant_s"],
+                  inf["ratio"], _ratio, f"<= {inf['target_max']:.2f}", inf["meets_target"]),
+        _cost_row("outlier draw, Gaussian fitted (speedup)", "brute force", syn["brute_force_s"], "synthesizer",
+                  syn["sample_only_s"], syn["speedup"], _times, f">= {syn['target_min']:.0f}x", syn["meets_target"]),
+        _cost_row("synthesis step with refit (speedup)", "brute force", syn["brute_force_step_s"], "synthesizer",
+                  syn["synthesis_step_s"], syn["speedup_step"], _times, "-", None),
+        _cost_row("step vs VOS-style reference (speedup)", "reference", syn["reference_step_s"], "synthesizer",
+                  syn["synthesis_step_s"], syn["speedup_reference_step"], _times, "-", None),
+    ]
+
+
+def _bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def _gpu_memory_line(tr, inf):
+    peaks = [tr.get("peak_gpu_memory_bytes") or {}, inf.get("peak_gpu_memory_bytes") or {}]
+    if not any(v is not None for p in peaks for v in p.values()):
+        return []
+    (t, i) = peaks
+    return [f"- Peak GPU memory (torch.cuda.max_memory_allocated, weights included): training step "
+            f"{_bytes(t.get('baseline'))} vs {_bytes(t.get('variant'))}, inference "
+            f"{_bytes(i.get('baseline'))} vs {_bytes(i.get('variant'))} (StandardROIHeads vs EnergyCFLROIHeads)."]
+
+
+def _cost_notes(syn, eq, mem):
+    fd = eq["full_dim"]
+    return [
+        f"- Draw = S of N per class for all K classes, the Gaussian already fitted. Step = what a training step "
+        f"pays after enqueueing {syn['fg_features_per_step']} features when it refits (class means, covariance, "
+        f"Cholesky; {_mmm(syn['refit_s'], _sec)}, the same for both) + draw; training refits once every "
+        f"MODEL.OOD.REFIT_PERIOD iterations. {syn['brute_force_note']}.",
+        f"- Equivalence (D={eq['dim']}, K={eq['num_classes']}, N={eq['num_candidates']}, {eq['draws']} outliers "
+        f"each): KS two-sample on the Mahalanobis radius, synthesizer vs brute_force_sample "
+        f"D={eq['ks_statistic']:.4f}, p={eq['ks_pvalue']:.3f} (vs brute_force_gemm p={eq['ks_pvalue_gemm']:.3f}); "
+        f"mean radius {eq['mean_radius_synthesizer']:.4f} vs {eq['mean_radius_brute_force']:.4f}. At "
+        f"D={fd['dim']}: {fd['mean_radius_synthesizer']:.3f} ± {fd['sd_radius_synthesizer']:.3f} "
+        f"({fd['draws_synthesizer']} synthesizer draws) vs {fd['mean_radius_brute_force']:.3f} "
+        f"({fd['draws_brute_force']} brute-force draws), z={fd['z_score']:.2f}.",
+        f"- Memory of one synthesis step ({mem['method']}): peak {_bytes(mem['synthesis_step_peak_bytes'])}, "
+        f"largest allocation {_bytes(mem['synthesis_step_largest_allocation_bytes'])}; "
+        f"{mem['candidate_tensor_note']} would take {_bytes(mem['candidate_tensor_bytes_per_class'])} "
+        f"({_bytes(mem['candidate_tensor_bytes_all_classes'])} for all classes); brute force on one class peaks "
+        f"at {_bytes(mem['brute_force_one_class_peak_bytes'])}. No N x D tensor: {mem['no_candidate_tensor']}.",
+    ]
+
+
+def cost_markdown(cost):
+    """The cost table and its notes."""
+    if not cost:
+        return []
+    st, tr, inf, syn, eq, mem = (cost[k] for k in ("settings", "train_step", "inference", "synthesis",
+                                                    "equivalence", "memory"))
+    titles = {"ratio": "ratio min / median / max", "baseline": "baseline min / median / max",
+              "variant": "variant min / median / max"}
+    columns = ["measure", "baseline", "variant", "ratio", "target", "met"]
+    return [
+        "## Cost", "",
+        f"K={st['num_classes']} classes, box-head D={st['fc_dim']}, queue {st['queue_size']}, "
+        f"N={st['num_candidates']}, S={st['num_samples']}; {st['config']} backbone at {st['image_size']} px, "
+        f"fixed synthetic inputs, {st['repeats']} interleaved repeats, device {st['device']}, "
+        f"{st['torch_threads']} torch threads. Training with outlier synthesis active "
+        f"(synthesis_active={tr['synthesis_active']}; MODEL.OOD.REFIT_PERIOD={tr['refit_period']}, "
+        f"{tr['steps_per_repeat']} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image. "
+        "Ratios: variant / baseline for time, baseline / variant for speedups.", "",
+        format_metrics_table(_cost_rows(st, tr, inf, syn), columns=columns, titles=titles), "",
+        *_cost_notes(syn, eq, mem), *_gpu_memory_line(tr, inf), "",
+    ]
+
+
+def markdown(result):
+    """The whole result as markdown: provenance, quality, cost."""
+    m = result["machine"]
+    lines = [
+        "# ood_det benchmark", "",
+        f"- command: `{result['command']}`",
+        f"- commit: {result['commit'] or 'unknown'}" + (" (uncommitted changes)" if result["worktree_dirty"] else ""),
+        f"- machine: {m['cpu_model']}, {m['cpus_available']} of {m['cpu_count']} CPUs, device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        f"- started {result['started_at']}, wall time {result['wall_time_s']:.0f} s"
+        + ("" if result["complete"] else "; INCOMPLETE (failed or unfinished runs)"), "",
+    ]
+    lines += quality_markdown(result) + cost_markdown(result["cost"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- chart
+def plot_chart(rows, path, num_seeds):
+    """FPR95 and AUROC (clean protocol) per method x score, grouped by OOD set, sd error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["protocol"] == "clean"]
+    sets = list(dict.fromkeys(r["ood_set"] for r in rows))
+    combos = list(dict.fromkeys((r["method"], r["score"]) for r in rows))
+    by_key = {(r["method"], r["score"], r["ood_set"]): r for r in rows}
+    width = 0.8 / max(1, len(combos))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.9 * len(combos) * len(sets) * 2, 4.2))
+    for ax, key, title in zip(axes, ("fpr95", "auroc"), ("FPR95 (%), lower is better", "AUROC (%), higher is better")):
+        for i, (method, score) in enumerate(combos):
+            found = [by_key.get((method, score, s), {}) for s in sets]
+            x = np.arange(len(sets)) + (i - (len(combos) - 1) / 2) * width
+            ax.bar(x, [r.get(f"{key}_mean") or 0.0 for r in found], width,
+                   yerr=[r.get(f"{key}_std") or 0.0 for r in found], capsize=3,
+                   color=OKABE_ITO[i % len(OKABE_ITO)], hatch=HATCHES[i % len(HATCHES)], edgecolor="black",
+                   linewidth=0.6, label=f"{method} / {score}")
+        ax.set_xticks(np.arange(len(sets)))
+        ax.set_xticklabels([_set_name(s) for s in sets])
+        ax.set_ylim(0, 105)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Clean protocol, mean ± sd over {num_seeds} seed(s)")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- files
+def write_json(result, path):
+    """The result as JSON, atomically (also the progress file while runs go on)."""
+    atomic_write(path, lambda f: json.dump(result, f, indent=2))
+
+
+def write_results(result, folder, stem):
+    """The JSON, the markdown and (when there are quality rows) the chart into ``folder``.
+
+    Returns:
+        The markdown text.
+    """
+    folder, names = Path(folder), file_names(stem)
+    result["files"] = {"json": names["json"], "markdown": names["markdown"], "chart": None}
+    if result["rows"]:
+        plot_chart(result["rows"], folder / names["chart"], len(result["seeds"]))
+        result["files"]["chart"] = names["chart"]
+    write_json(result, folder / names["json"])
+    text = markdown(result)
+    atomic_write(folder / names["markdown"], lambda f: f.write(text))
+    return text

@@ -1,0 +1,250 @@
+"""The quality part of the benchmark: which runs, on which schedule, and running them.
+
+Every (method, seed) trains ``<prefix><method><suffix>.yaml`` (by default
+``shapes_{vanilla,vos,energy_cfl}.yaml``: same backbone, schedule and data; they differ only in
+``MODEL.OOD``) in its own ``tools/train_net.py`` subprocess with ``SEED <s> OUTPUT_DIR
+<output>/runs/<method>/seed<s>``, which trains, calibrates on validation data and evaluates.
+A subprocess per run keeps runs independent (no state leaks from one into the next) and lets a
+failed run fail alone. Its ``ood_results.json`` is read back into a run record.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog
+
+from ..config import load_config
+from ..engine import DATASET_KEYS
+from ..errors import ConfigError
+from ..evaluation.ood_evaluation import RESULTS_FILE
+from ..utils import atomic_write
+from .provenance import REPO, now
+
+METHODS = ("vanilla", "vos", "energy_cfl")
+#: Five seeds: with fewer, a paired t interval is too wide to show a real difference.
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+#: --quick trains a third of the schedule (one seed): fits ~10 min on 2 CPU cores.
+QUICK_SCALE = 1.0 / 3.0
+SCHEDULE_KEYS = ("SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "MODEL.OOD.START_ITER")
+# --validation: hyper-parameters are chosen on these, never on the test splits
+# (shapes_val stays the calibration split).
+VALIDATION_OPTS = ["DATASETS.TEST", "('shapes_tune',)", "DATASETS.OOD_TEST", "('shapes_ood_tune',)"]
+RUN_META = "benchmark_run.json"
+
+
+def method_configs(methods=METHODS, prefix="shapes_", suffix=""):
+    """method -> config file name."""
+    return {m: f"{prefix}{m}{suffix}.yaml" for m in methods}
+
+
+def read_config(config_file, opts):
+    """(schedule dict, configured MODEL.OOD.SCORE, MODEL.OOD.MODE, dataset names) of a config."""
+    cfg = load_config(config_file, opts)
+    schedule = {
+        "SOLVER.MAX_ITER": int(cfg.SOLVER.MAX_ITER),
+        "SOLVER.STEPS": [int(s) for s in cfg.SOLVER.STEPS],
+        "SOLVER.WARMUP_ITERS": int(cfg.SOLVER.WARMUP_ITERS),
+        "MODEL.OOD.START_ITER": int(cfg.MODEL.OOD.START_ITER),
+    }
+    datasets = [n for key in DATASET_KEYS for n in cfg.DATASETS.get(key, ())]
+    return schedule, cfg.MODEL.OOD.SCORE, cfg.MODEL.OOD.MODE, datasets
+
+
+def scale_schedule(schedule, scale):
+    """The schedule with every iteration count multiplied by ``scale`` (steps past the end dropped).
+
+    Scaling START_ITER and the LR steps with MAX_ITER keeps a short run's phases (warm-up,
+    outlier synthesis, LR decay) where the full run has them.
+    """
+    if scale == 1.0:
+        return dict(schedule)
+    max_iter = max(1, round(schedule["SOLVER.MAX_ITER"] * scale))
+    steps = sorted({round(s * scale) for s in schedule["SOLVER.STEPS"]})
+    warmup = schedule["SOLVER.WARMUP_ITERS"]
+    return {
+        "SOLVER.MAX_ITER": max_iter,
+        "SOLVER.STEPS": [s for s in steps if 0 < s < max_iter],
+        "SOLVER.WARMUP_ITERS": max(1, round(warmup * scale)) if warmup else 0,
+        "MODEL.OOD.START_ITER": round(schedule["MODEL.OOD.START_ITER"] * scale),
+    }
+
+
+def schedule_opts(schedule):
+    """The schedule as KEY VALUE config overrides."""
+    opts = []
+    for key in SCHEDULE_KEYS:
+        value = schedule[key]
+        opts += [key, str(tuple(value)) if isinstance(value, list) else str(value)]
+    return opts
+
+
+def _scale(schedule, quick, schedule_scale, max_iter):
+    if max_iter is not None:
+        return max_iter / schedule["SOLVER.MAX_ITER"]
+    if schedule_scale is not None:
+        return schedule_scale
+    return QUICK_SCALE if quick else 1.0
+
+
+def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validation=False, opts=(),
+                 config_prefix="shapes_", config_suffix="", schedule_scale=None, max_iter=None,
+                 device="cpu", threads=None):
+    """Configs, schedule and seeds of the quality part, as a JSON-able dict.
+
+    Refuses methods whose configs train on different schedules: their numbers would not compare.
+    ``quick`` keeps the first seed; ``max_iter`` (else ``schedule_scale``, else the quick scale)
+    scales the schedule. With ``validation`` the tuning splits replace the test splits, unless
+    ``opts`` names them itself (explicit overrides win).
+    """
+    configs = method_configs(methods, config_prefix, config_suffix)
+    opts = [*VALIDATION_OPTS, *opts] if validation else list(opts)
+    info = {m: read_config(c, opts) for m, c in configs.items()}
+    base = {m: i[0] for m, i in info.items()}
+    if len({json.dumps(s, sort_keys=True) for s in base.values()}) > 1:
+        raise ConfigError(f"the methods' schedules differ, so their results would not compare: {base}")
+    for m, (_, _, mode, _) in info.items():
+        if mode != m:
+            print(f"warning: {configs[m]} has MODEL.OOD.MODE {mode!r}, benchmarked as {m!r}", file=sys.stderr)
+    schedule = next(iter(base.values()))
+    scale = _scale(schedule, quick, schedule_scale, max_iter)
+    used = scale_schedule(schedule, scale)
+    return {
+        "quick": quick, "validation": validation, "methods": list(configs), "configs": configs,
+        "seeds": list(seeds)[:1] if quick else list(seeds),
+        "schedule_config": schedule, "schedule_scale": scale, "schedule": used,
+        "schedule_opts": schedule_opts(used) if scale != 1.0 else [],
+        "opts": opts, "device": device, "threads": threads,
+        "config_scores": {m: i[1] for m, i in info.items()},
+        "datasets": list(dict.fromkeys(n for i in info.values() for n in i[3])),
+    }
+
+
+def prepare_datasets(names):
+    """Load every dataset once (generating the synthetic ones) so that no timed run pays for it."""
+    for name in names:
+        DatasetCatalog.get(name)
+
+
+def _rel(path, root):
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _train_net():
+    path = REPO / "tools" / "train_net.py"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: the quality part trains with tools/train_net.py of a source checkout")
+    return path
+
+
+def train_run(method, seed, plan, out_root, reuse=False, keep_checkpoints=False):
+    """Train + calibrate + evaluate one (method, seed) in a tools/train_net.py subprocess.
+
+    Returns the run record: how it ran (arguments, exit status, wall time, log) and, when it
+    succeeded, its results (see :func:`read_results`). With ``reuse``, a finished run with the
+    same arguments is read back instead of trained again.
+    """
+    run_dir = (Path(out_root) / "runs" / method / f"seed{seed}").resolve()
+    # The schedule comes from config + --opts, scaled: it goes after --opts so that it wins.
+    opts = ["MODEL.DEVICE", plan["device"], *plan["opts"], *plan["schedule_opts"], "SEED", str(seed)]
+    args = ["--config-file", plan["configs"][method], *opts]
+    if reuse:
+        record = finished_run(run_dir, args)
+        if record is not None:
+            return record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "train.log"
+    record = {
+        "method": method, "seed": seed, "config_file": plan["configs"][method],
+        "output_dir": _rel(run_dir, out_root), "log": _rel(log_path, out_root),
+        "train_net_args": args, "started_at": now(), "reused": False,
+    }
+    print(f"[benchmark] {method} seed {seed}: training ({record['log']}) ...", flush=True)
+    start = time.perf_counter()
+    returncode = _run_logged([sys.executable, str(_train_net()), *args, "OUTPUT_DIR", str(run_dir)],
+                             log_path, plan["threads"])
+    record.update(wall_time_s=round(time.perf_counter() - start, 2), returncode=returncode)
+    _finish(record, run_dir, log_path, keep_checkpoints)
+    print(f"[benchmark] {method} seed {seed}: {record['wall_time_s']:.1f} s", flush=True)
+    return record
+
+
+def _run_logged(cmd, log_path, threads):
+    """Exit status of ``cmd``, its output in ``log_path``; ``threads`` caps its OpenMP/MKL threads."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log_path, "w") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env).returncode
+
+
+def _finish(record, run_dir, log_path, keep_checkpoints):
+    """Read a run's results (or its log's tail on failure) and save its record for --reuse."""
+    results_path = run_dir / RESULTS_FILE
+    if record["returncode"] == 0 and results_path.is_file():
+        record.update(read_results(results_path))
+        if not keep_checkpoints:  # ~100 MB each; model_final.pth stays for --eval-only
+            for path in run_dir.glob("model_*.pth"):
+                if path.name != "model_final.pth":
+                    path.unlink()
+    else:
+        record["error"] = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        print(f"[benchmark] {record['method']} seed {record['seed']} FAILED (exit {record['returncode']}); "
+              f"see {log_path}", file=sys.stderr)
+    meta = {k: v for k, v in record.items() if k not in ("map", "rows", "configured_score")}
+    atomic_write(run_dir / RUN_META, lambda f: json.dump(meta, f, indent=2))
+
+
+def finished_run(run_dir, args):
+    """The record of a finished run in ``run_dir`` with the same train_net arguments, else None."""
+    meta_path, results_path = Path(run_dir) / RUN_META, Path(run_dir) / RESULTS_FILE
+    if not (meta_path.is_file() and results_path.is_file()):
+        return None
+    record = json.loads(meta_path.read_text())
+    if record.get("train_net_args") != args or record.get("returncode") != 0:
+        return None
+    record.update(read_results(results_path), reused=True)
+    return record
+
+
+def read_results(path):
+    """mAP, metric rows and configured score of one run's ood_results.json.
+
+    The configured score is the one the evaluation calibrated (``calibration.score``); None
+    where the file does not say, and :func:`configured_scores` falls back to the config.
+    """
+    res = json.loads(Path(path).read_text())
+    return {"map": res.get("map", {}), "rows": res.get("rows", []),
+            "configured_score": (res.get("calibration") or {}).get("score")}
+
+
+def run_quality(plan, out_root, reuse=False, keep_checkpoints=False, on_run=None):
+    """Every (seed, method) run of ``plan``, seeds outermost so that an interrupted benchmark
+    still has whole seeds to compare; ``on_run(records)`` after each (progress files)."""
+    records = []
+    for seed in plan["seeds"]:
+        for method in plan["methods"]:
+            records.append(train_run(method, seed, plan, out_root, reuse, keep_checkpoints))
+            if on_run is not None:
+                on_run(records)
+    return records
+
+
+def failed_runs(records):
+    """'<method> seed <s>' of every run that did not finish."""
+    return [f"{r['method']} seed {r['seed']}" for r in records if r.get("returncode") != 0]
+
+
+def configured_scores(records, config_scores):
+    """method -> the score its runs were calibrated with; the config's MODEL.OOD.SCORE where no
+    finished run names one."""
+    from_runs = {}
+    for r in records:
+        if r.get("returncode") == 0 and r.get("configured_score"):
+            from_runs.setdefault(r["method"], r["configured_score"])
+    return {**config_scores, **from_runs}

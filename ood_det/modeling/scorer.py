@@ -1,0 +1,283 @@
+"""The one owner of the OOD score: :class:`OODScorer`.
+
+Raw per-box scores (``ood_det.modeling.scores``), each oriented so that higher
+means more in-distribution before combining:
+
+==============  ===================================  =====================
+raw field       definition                           enters the id score as
+==============  ===================================  =====================
+``energy``      ``-T logsumexp(f_1..f_K / T)``       ``-energy``
+``msp``         ``max_k softmax(f_1..f_K)_k``        ``msp``
+``rep_score``   ``max_k cos(z, c_k)``                ``rep_score``
+==============  ===================================  =====================
+
+The id score of a box (``MODEL.OOD.SCORE``), ``std(.)`` standardizing with the
+mean and std of in-distribution validation boxes (identity before calibration):
+
+- ``energy``: ``std(-energy)``
+- ``msp``: ``std(msp)``
+- ``representation``: ``std(rep_score)``
+- ``combined``: ``std(-energy) + w * std(rep_score)``
+
+``ood_score = -id_score``; a box is ``is_ood`` when its id score is below the
+threshold that keeps ``keep_share`` (95%) of the validation boxes. Temperature,
+score choice, weight and every calibrated number live here; the head, the
+calibration, the evaluation, the predictor and the tools all call this module.
+"""
+import logging
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+from ..evaluation.metrics import threshold_at_tpr
+from . import scores as S
+
+logger = logging.getLogger(__name__)
+
+#: Per-box raw fields and the sign that makes each "higher = more in-distribution".
+RAW_FIELDS = {"energy": -1.0, "msp": 1.0, "rep_score": 1.0}
+#: id-score names -> the raw fields they standardize (the combined one adds w * rep_score).
+SCORE_TERMS = {
+    "energy": ("energy",),
+    "msp": ("msp",),
+    "representation": ("rep_score",),
+    "combined": ("energy", "rep_score"),
+}
+SCORE_NAMES = tuple(SCORE_TERMS)
+#: Scores that need class centers (a model trained with MODEL.OOD.MODE energy_cfl).
+NEEDS_REPRESENTATION = ("representation", "combined")
+#: The share of in-distribution validation boxes that the decision threshold keeps.
+KEEP_SHARE = 0.95
+FLOAT64_BUFFERS = ("stats", "rep_weight", "id_threshold", "conf_threshold")
+
+
+class OODScorer(nn.Module):
+    """
+    Turns raw per-box scores into id scores, OOD scores and OOD decisions.
+
+    Buffers (saved in checkpoints, follow the model's device):
+        calibrated: () bool, False until :meth:`fit` ran on validation data.
+        stats: (3, 2) float64 mean and std of ``-energy``, ``msp`` and ``rep_score`` on
+            in-distribution validation boxes (rows in ``RAW_FIELDS`` order); (0, 1),
+            which leaves scores raw, until calibrated.
+        rep_weight: () float64 w of the combined score.
+        id_threshold: () id score keeping ``keep_share`` of the validation boxes.
+        conf_threshold: () detection-confidence threshold chosen on validation data.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        score: str = "auto",
+        temperature: float = 1.0,
+        rep_weight: float = 1.0,
+        has_representation: bool = True,
+        keep_share: float = KEEP_SHARE,
+    ):
+        """
+        Args:
+            score: ``MODEL.OOD.SCORE``: one of ``SCORE_NAMES``, or "auto" (combined when the
+                model has class centers, else energy).
+            temperature: T of the energy (``MODEL.OOD.ENERGY_TEMPERATURE``).
+            rep_weight: w of the combined score (``MODEL.OOD.REP_SCORE_WEIGHT``).
+            has_representation: whether the model has an embedding head and class centers.
+            keep_share: share of validation boxes kept by the decision threshold.
+        """
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"MODEL.OOD.ENERGY_TEMPERATURE must be > 0, got {temperature}")
+        if not 0.0 < keep_share <= 1.0:
+            raise ValueError(f"keep_share must be in (0, 1], got {keep_share}")
+        self.temperature = float(temperature)
+        self.has_representation = bool(has_representation)
+        self.keep_share = float(keep_share)
+        self.score_name = self._resolve(score)
+        f64 = torch.float64
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.register_buffer("stats", torch.tensor([[0.0, 1.0]] * len(RAW_FIELDS), dtype=f64))
+        self.register_buffer("rep_weight", torch.tensor(float(rep_weight), dtype=f64))
+        self.register_buffer("id_threshold", torch.tensor(0.0, dtype=f64))
+        self.register_buffer("conf_threshold", torch.tensor(0.0, dtype=f64))
+
+    @classmethod
+    def from_config(cls, cfg):
+        ood = cfg.MODEL.OOD
+        return {
+            "score": ood.SCORE,
+            "temperature": ood.ENERGY_TEMPERATURE,
+            "rep_weight": ood.REP_SCORE_WEIGHT,
+            "has_representation": ood.MODE == "energy_cfl",
+        }
+
+    def extra_repr(self) -> str:
+        return (f"score={self.score_name}, temperature={self.temperature}, "
+                f"has_representation={self.has_representation}, keep_share={self.keep_share}")
+
+    def _resolve(self, score: str) -> str:
+        if score == "auto":
+            return "combined" if self.has_representation else "energy"
+        if score not in SCORE_NAMES:
+            raise ValueError(f"MODEL.OOD.SCORE must be auto or one of {', '.join(SCORE_NAMES)}; got {score!r}")
+        if score in NEEDS_REPRESENTATION and not self.has_representation:
+            raise ValueError(
+                f"MODEL.OOD.SCORE={score!r} needs class centers, which only MODEL.OOD.MODE energy_cfl trains; "
+                "use MODEL.OOD.SCORE energy, msp or auto"
+            )
+        return score
+
+    @property
+    def available_scores(self) -> Tuple[str, ...]:
+        """The id scores this model can give (the representation needs trained centers)."""
+        return tuple(s for s in SCORE_NAMES if self.has_representation or s not in NEEDS_REPRESENTATION)
+
+    @property
+    def raw_fields(self) -> Tuple[str, ...]:
+        """The raw per-box fields of :meth:`box_scores`."""
+        return ("energy", "msp", "rep_score") if self.has_representation else ("energy", "msp")
+
+    # ------------------------------------------------------------ raw scores
+    def energy(self, class_logits: torch.Tensor) -> torch.Tensor:
+        """(R, K + 1) class logits -> (R,) energies (background logit ignored)."""
+        return S.energy(S.foreground_logits(class_logits), self.temperature)
+
+    def box_scores(
+        self, class_logits: torch.Tensor, embeddings: Optional[torch.Tensor] = None,
+        centers: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Raw per-box fields of :attr:`raw_fields`.
+
+        Args:
+            class_logits: (R, K + 1) detectron2 class logits.
+            embeddings: (R, E) box embeddings (models with centers only).
+            centers: (K, E) class centers (models with centers only).
+
+        Returns:
+            {"energy": (R,), "msp": (R,), ["rep_score": (R,)]}.
+        """
+        out = {"energy": self.energy(class_logits), "msp": S.msp(S.foreground_logits(class_logits))}
+        if self.has_representation:
+            out["rep_score"] = S.rep_score(embeddings, centers)
+        return out
+
+    # ------------------------------------------------------------ id scores
+    def id_score(self, fields: Mapping, score: Optional[str] = None) -> torch.Tensor:
+        """
+        (R,) id scores of boxes (higher = more in-distribution).
+
+        Args:
+            fields: raw per-box fields (tensors or NumPy arrays), e.g. :meth:`box_scores`'s
+                output or the arrays of a score file.
+            score: one of :attr:`available_scores`; default the configured one.
+
+        Returns:
+            (R,) tensor on the device of ``fields`` (the CPU for NumPy arrays), float64 for
+            NumPy input, else at least float32; standardized with the calibration statistics
+            once calibrated.
+        """
+        score = self.score_name if score is None else score
+        if score not in self.available_scores:
+            raise ValueError(f"score {score!r} is not available for this model; available: {self.available_scores}")
+        total = None
+        for name in SCORE_TERMS[score]:
+            term = self._standardized(fields, name)
+            if name == "rep_score" and score == "combined":
+                term = term * self.rep_weight.to(term)
+            total = term if total is None else total + term
+        return total
+
+    def _standardized(self, fields: Mapping, name: str) -> torch.Tensor:
+        if name not in fields:
+            raise KeyError(f"per-box field {name!r} is missing; the boxes carry {', '.join(sorted(fields))}")
+        value = RAW_FIELDS[name] * _as_tensor(fields[name])
+        mean, std = self.stats[list(RAW_FIELDS).index(name)].to(value)
+        return (value - mean) / std.clamp(min=1e-6)
+
+    def ood_score(self, fields: Mapping, score: Optional[str] = None) -> torch.Tensor:
+        """``-id_score``: higher = more OOD."""
+        return -self.id_score(fields, score)
+
+    def is_ood(self, id_scores: torch.Tensor) -> torch.Tensor:
+        """(R,) bool: id score below the calibrated threshold; all False before calibration."""
+        # A tensor AND rather than an if: no device sync per batch of boxes.
+        return (id_scores < self.id_threshold.to(id_scores)) & self.calibrated.to(id_scores.device)
+
+    # ------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def fit(self, fields: Mapping, conf_threshold: float) -> dict:
+        """
+        Calibrate on in-distribution VALIDATION boxes (never a test set): the mean and std
+        of each raw score, then the id-score threshold keeping ``keep_share`` of them.
+
+        Args:
+            fields: raw per-box fields of the validation boxes that pass ``conf_threshold``
+                (at least 2 boxes).
+            conf_threshold: the detection-confidence threshold they were selected with.
+
+        Returns:
+            A summary dict (plain floats) of what was stored.
+        """
+        n = len(_as_tensor(fields["energy"]))
+        if n < 2:
+            raise ValueError(f"calibration needs at least 2 in-distribution boxes, got {n}")
+        stats = torch.tensor([[0.0, 1.0]] * len(RAW_FIELDS), dtype=torch.float64)
+        for i, (name, sign) in enumerate(RAW_FIELDS.items()):
+            if name in fields:
+                value = sign * _as_tensor(fields[name]).double()
+                stats[i] = torch.stack([value.mean(), value.std()]).cpu()
+        self.stats.copy_(stats)
+        self.calibrated.fill_(True)
+        ids = self.id_score(fields).double().cpu().numpy()
+        self.id_threshold.fill_(threshold_at_tpr(ids, self.keep_share))
+        self.conf_threshold.fill_(float(conf_threshold))
+        return self.summary(num_boxes=n)
+
+    def summary(self, **extra) -> dict:
+        """The calibration as plain numbers (for logs and results files)."""
+        calibrated = bool(self.calibrated)
+        out = {"score": self.score_name, "calibrated": calibrated,
+               "conf_threshold": float(self.conf_threshold) if calibrated else None,
+               "id_threshold": float(self.id_threshold) if calibrated else None,
+               "rep_weight": float(self.rep_weight), "keep_share": self.keep_share}
+        for (name, sign), (mean, std) in zip(RAW_FIELDS.items(), self.stats.tolist()):
+            key = ("neg_" if sign < 0 else "") + name
+            out.update({f"{key}_mean": mean, f"{key}_std": std})
+        return {**out, **extra}
+
+    # ------------------------------------------------------------ dtype and checkpoints
+    def _apply(self, fn, *args, **kwargs):
+        """Device moves apply; dtype casts (``model.half()``) do not: the calibration keeps
+        float64, so that the threshold keeps exactly the share of boxes it was fitted to keep."""
+        kept = {name: self._buffers.pop(name) for name in FLOAT64_BUFFERS}
+        super()._apply(fn, *args, **kwargs)
+        device = fn(torch.zeros(0)).device
+        self._buffers.update({name: t.to(device) for name, t in kept.items()})
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if _upgrade_old_calibration(state_dict, prefix):
+            # Such checkpoints kept w in the config only: keep the configured one.
+            state_dict.setdefault(prefix + "rep_weight", self.rep_weight.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
+def _upgrade_old_calibration(state_dict, prefix: str) -> bool:
+    """Checkpoints written before the scorer kept (4,) ``score_stats`` (-energy mean/std,
+    rep_score mean/std): turn them into this module's (3, 2) ``stats`` (msp: identity).
+    Returns whether the state was of that older format."""
+    old = state_dict.pop(prefix + "score_stats", None)
+    if old is None:
+        return False
+    old = old.flatten().to(torch.float32)
+    state_dict.setdefault(prefix + "stats", torch.stack([old[0:2], torch.tensor([0.0, 1.0]), old[2:4]]))
+    return True
