@@ -3,11 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= shapes_energy_cfl.yaml
 DEMO_OUTPUT ?= output/demo
+GPU_CHECK_OUTPUT ?= output/gpu_check
 # Where the synthetic shapes are generated (detectron2's convention: $DETECTRON2_DATASETS, else ./datasets);
 # expanded when a recipe runs, after `setup`.
 SHAPES = $(shell $(PY) -c "from ood_det.data.synthetic import shapes_dir; print(shapes_dir())" 2>/dev/null)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint gpu-check clean
 
 setup:  ## create .venv and install torch, detectron2 and ood_det (idempotent)
 	bash scripts/setup_env.sh
@@ -24,6 +25,10 @@ test: setup  ## run the test suite
 
 lint: setup  ## lint and import order (ruff, configured in ruff.toml)
 	$(PY) -m ruff check .
+
+# On a machine whose Python already holds torch and detectron2 (no network): make gpu-check NO_SETUP=1 PY=python3
+gpu-check: $(if $(NO_SETUP),,setup)  ## on a CUDA GPU: CUDA tests, a full shapes run, pictures, cost, real-config step time
+	$(PY) tools/gpu_check.py --output $(GPU_CHECK_OUTPUT)
 
 clean:  ## remove outputs (the venv and generated datasets stay)
 	rm -rf output

@@ -78,6 +78,10 @@ def add_ood_config(cfg):
     # OOD test split(s): images holding no in-distribution class.
     _C.DATASETS.OOD_TEST = ()
 
+    # Images per forward pass in evaluation and calibration (detectron2's test loader feeds one);
+    # same-size images batch without padding, so the boxes do not change, only the speed.
+    _C.TEST.IMS_PER_BATCH = 1
+
     # A training image that is missing, cannot be decoded, has no annotation or has a degenerate,
     # out-of-image or unknown-class box: "skip" it with one warning naming the file, or "fail"
     # with an error naming file and problem.

@@ -12,6 +12,9 @@ Environment (each optional):
         optimizer and scheduler state and the iterations go there (torch.save).
     OOD_DET_TEST_LOSSES: a path: each iteration's losses are appended as json lines.
 
+``distributed_worker`` is the per-process function of the multi-process test (it must live in
+an importable module: spawned processes import it by name).
+
 The faults live here, not in the library: the library runs unchanged.
 """
 import io
@@ -20,12 +23,14 @@ import os
 import signal
 import sys
 
+import ood_det  # noqa: F401  (first: its compatibility shims must precede detectron2.data)
+
+# isort: split
 import torch
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
-import ood_det  # noqa: F401  (before detectron2.data)
 from ood_det.cli.train_net import main as train_net
 from ood_det.data.synthetic import register_shapes_splits
 from ood_det.engine import Trainer
@@ -87,6 +92,32 @@ def log_losses(path: str) -> None:
         return original(self) + [LossLog(path)]
 
     Trainer.build_hooks = build_hooks
+
+
+def distributed_worker(data_root, out, opts):
+    """One process of a multi-process CPU run: train the tiny model, then save what this rank holds."""
+    from detectron2.utils import comm
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ood_det.config import load_config
+
+    torch.set_num_threads(1)
+    register_shapes_splits("tiny", data_root, sizes=SIZES)
+    cfg = load_config("shapes_energy_cfl", [*opts, "OUTPUT_DIR", str(out)])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    predictor = trainer.model.module.roi_heads.box_predictor
+    synth = predictor.synthesizer
+    latest = trainer.storage.latest()
+    torch.save({
+        "world_size": comm.get_world_size(), "ddp": isinstance(trainer.model, DistributedDataParallel),
+        "queue": synth.queue, "queue_count": synth.queue_count, "synthesizing": synth.is_full(),
+        # detectron2 writes the losses (gathered from every process) on the main process only
+        "loss_energy": latest["loss_energy"][0] if "loss_energy" in latest else None,
+        "calibrated": bool(predictor.scorer.calibrated),
+        "scorer": predictor.scorer.state_dict(), "weights": trainer.model.module.state_dict(),
+    }, os.path.join(out, f"rank{comm.get_rank()}.pt"))
 
 
 def main():

@@ -189,3 +189,39 @@ def test_calibrate_statistics_by_hand(tiny_val):
     assert summary["neg_energy_std"] == pytest.approx(math.sqrt(2.0))
     assert summary["id_threshold"] == pytest.approx(-1.0 / math.sqrt(2.0))
     assert bool(model.roi_heads.box_predictor.scorer.calibrated)
+
+
+# ---------------------------------------------------------------- batched evaluation
+def test_batches_skip_unreadable_items_and_keep_order():
+    from ood_det.data.bad_data import UNREADABLE
+    from ood_det.evaluation.loader import SkipUnreadable
+
+    items = [[{"i": 0}], [{UNREADABLE: "x.png", "problem": "cannot read"}], [{"i": 1}], [{"i": 2}], [{"i": 3}]]
+    loader = SkipUnreadable(items, "some_set", batch_size=2)
+    assert len(loader) == 3
+    assert [[x["i"] for x in b] for b in loader] == [[0, 1], [2, 3]]
+    assert loader.skipped == [("x.png", "cannot read")]
+    with pytest.raises(ValueError, match="TEST.IMS_PER_BATCH"):
+        SkipUnreadable(items, "some_set", batch_size=0)
+
+
+def test_batched_evaluation_gives_the_boxes_of_one_image_at_a_time(tiny_val):
+    from ood_det.evaluation.boxes import OODEvaluator
+    from ood_det.evaluation.loader import run_inference
+
+    torch.manual_seed(0)
+    cfg = load_config("shapes_energy_cfl", ["DATALOADER.NUM_WORKERS", "0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    model = build_model(cfg)
+    arrays = {}
+    for batch in (1, 3):
+        cfg.defrost()
+        cfg.TEST.IMS_PER_BATCH = batch
+        res, skipped = run_inference(cfg, model, tiny_val, OODEvaluator(tiny_val))
+        arrays[batch] = res["ood_boxes"]
+        assert len(skipped) == 1 and res["image_ids"] == ["img0", "img1"]
+    assert len(arrays[1]["scores"]) > 0
+    for key in arrays[1]:
+        if key == "image_id":
+            assert (arrays[1][key] == arrays[3][key]).all()
+        else:
+            np.testing.assert_allclose(arrays[3][key], arrays[1][key], rtol=1e-4, atol=1e-4, err_msg=key)

@@ -19,34 +19,42 @@ logger = logging.getLogger(__name__)
 
 
 class SkipUnreadable:
-    """Wraps a test loader: drops the items of unreadable images, warning once per file.
+    """Wraps a test loader: drops the items of unreadable images, warning once per file, and
+    hands the others on in batches of ``batch_size`` (``TEST.IMS_PER_BATCH``).
 
     Attributes:
         skipped: [(file name, problem)] of this process.
     """
 
-    def __init__(self, loader, dataset_name: str):
-        self.loader, self.dataset_name = loader, dataset_name
+    def __init__(self, loader, dataset_name: str, batch_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"TEST.IMS_PER_BATCH must be >= 1, got {batch_size}")
+        self.loader, self.dataset_name, self.batch_size = loader, dataset_name, batch_size
         self.skipped = []
 
     def __len__(self):
-        return len(self.loader)
+        return -(-len(self.loader) // self.batch_size)
 
     def __iter__(self):
-        for batch in self.loader:
-            good = [item for item in batch if UNREADABLE not in item]
-            for item in batch:
-                if UNREADABLE in item:
-                    logger.warning("%s: skipping image %s: %s", self.dataset_name, item[UNREADABLE], item["problem"])
-                    self.skipped.append((item[UNREADABLE], item["problem"]))
-            if good:
-                yield good
+        batch = []
+        for item in (item for items in self.loader for item in items):
+            if UNREADABLE in item:
+                logger.warning("%s: skipping image %s: %s", self.dataset_name, item[UNREADABLE], item["problem"])
+                self.skipped.append((item[UNREADABLE], item["problem"]))
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 def build_eval_loader(cfg, dataset_name: str) -> SkipUnreadable:
-    """detectron2's test loader of ``dataset_name`` that skips unreadable images."""
+    """detectron2's test loader of ``dataset_name`` that skips unreadable images and batches
+    ``TEST.IMS_PER_BATCH`` images per forward pass."""
     loader = build_detection_test_loader(cfg, dataset_name, mapper=EvalDatasetMapper(cfg, False))
-    return SkipUnreadable(loader, dataset_name)
+    return SkipUnreadable(loader, dataset_name, cfg.TEST.IMS_PER_BATCH)
 
 
 def run_inference(cfg, model, dataset_name: str, evaluator):

@@ -1,0 +1,243 @@
+"""Check ood_det on a CUDA GPU in one command and print one summary (``make gpu-check``).
+
+    tools/gpu_check.py [--output output/gpu_check] [--device cuda]
+
+Steps (each in a process of its own, with a time limit, so that one failure does
+not hide the others; about 5 minutes on one H100):
+
+1. the CUDA tests (``pytest -m cuda tests/test_cuda.py``): training with outlier
+   synthesis in full and mixed precision, calibration + evaluation, OODPredictor
+   on CUDA against the CPU;
+2. ``shapes_energy_cfl`` trained on the GPU (full schedule), calibrated and
+   evaluated (``tools/train_net.py MODEL.DEVICE cuda``);
+3. ``tools/visualize_ood.py`` on a few images with that model;
+4. the cost benchmark on the GPU (``tools/benchmark.py --skip-quality --device cuda``);
+5. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
+   800-pixel images, random weights, learning rate 0), in full and mixed precision,
+   for the wall-time estimates of the README.
+
+Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``.
+Exit status 0 when every step passed, 1 otherwise.
+"""
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ood_det.utils import atomic_write
+
+REPO = Path(__file__).resolve().parents[2]
+#: (iterations, images per iteration) of the real configs (configs/Base-VOC.yaml, Base-BDD.yaml).
+REAL_SCHEDULES = {"voc": (18000, 16), "bdd": (90000, 16)}
+
+
+def run_step(name, cmd, out, timeout):
+    """Run one step; its output goes to ``<out>/<name>.log``. Returns (passed, seconds, log text)."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        log, passed = proc.stdout + proc.stderr, proc.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        log, passed = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {timeout} s", False
+    seconds = round(time.perf_counter() - start, 1)
+    atomic_write(out / f"{name}.log", lambda f: f.write(log if isinstance(log, str) else log.decode()))
+    print(f"[gpu-check] {name}: {'passed' if passed else 'FAILED'} in {seconds} s", flush=True)
+    return passed, seconds, log
+
+
+def tests_step(out):
+    passed, seconds, log = run_step("cuda_tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda",
+                                                   "-p", "no:cacheprovider", "tests/test_cuda.py"], out, 300)
+    counts = re.findall(r"(\d+) (passed|failed|skipped|error)", log)
+    return {"passed": passed, "seconds": seconds, "counts": {k: int(n) for n, k in counts}}
+
+
+def train_step(out, device):
+    run_dir = out / "shapes_energy_cfl"
+    cmd = [sys.executable, "tools/train_net.py", "--config-file", "shapes_energy_cfl.yaml", "MODEL.DEVICE", device,
+           "DATALOADER.NUM_WORKERS", "4", "OUTPUT_DIR", str(run_dir)]
+    passed, seconds, log = run_step("train", cmd, out, 420)
+    result = {"passed": passed, "seconds": seconds}
+    times = [float(t) for t in re.findall(r" time: ([\d.]+) ", log)]
+    mems = [int(m) for m in re.findall(r"max_mem: (\d+)M", log)]
+    result.update(seconds_per_iter=statistics.median(times) if times else None,
+                  max_mem_mib=max(mems) if mems else None)
+    results_file = run_dir / "ood_results.json"
+    if results_file.is_file():
+        res = json.loads(results_file.read_text())
+        score = res["calibration"]["score"]
+        result.update(ap=res["map"]["AP"], score=score, ood={
+            r["ood_set"]: {"fpr95": r["fpr95"], "auroc": r["auroc"]}
+            for r in res["rows"] if r["protocol"] == "clean" and r["score"] == score})
+    return result, run_dir
+
+
+def visualize_step(out, run_dir, device):
+    from ood_det.data.synthetic import shapes_dir
+
+    shapes = shapes_dir()
+    inputs = [str(p) for split in ("ood", "ood_far", "test") for p in sorted((shapes / split).glob("*.png"))[:3]]
+    cmd = [sys.executable, "tools/visualize_ood.py", "--config-file", "shapes_energy_cfl.yaml", "--input", *inputs,
+           "--output", str(out / "pictures"), "--opts", "MODEL.WEIGHTS", str(run_dir / "model_final.pth"),
+           "MODEL.DEVICE", device]
+    passed, seconds, log = run_step("visualize", cmd, out, 120)
+    found = re.search(r"(\d+) images, (\d+) boxes .*?(\d+) flagged unknown", log)
+    return {"passed": passed, "seconds": seconds, "images": int(found[1]) if found else None,
+            "boxes": int(found[2]) if found else None, "flagged": int(found[3]) if found else None}
+
+
+def cost_step(out, device):
+    cmd = [sys.executable, "tools/benchmark.py", "--skip-quality", "--device", device, "--output", str(out / "cost")]
+    passed, seconds, _ = run_step("cost", cmd, out, 300)
+    result = {"passed": passed, "seconds": seconds}
+    files = sorted((out / "cost").glob("*benchmark.json"))
+    if files:
+        cost = json.loads(files[0].read_text())["cost"]
+        result.update(
+            train_step_ratio=cost["train_step"]["ratio"]["median"],
+            inference_ratio=cost["inference"]["ratio"]["median"],
+            synthesis_speedup=cost["synthesis"]["speedup"]["median"],
+            peak_gpu_memory_bytes={k: cost[k].get("peak_gpu_memory_bytes") for k in ("train_step", "inference")},
+        )
+    return result
+
+
+def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10):
+    """ms per training step of a real config's detector on random 800-pixel images, full and mixed
+    precision, and the peak GPU memory; random weights and learning rate 0 (timing only)."""
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    from ood_det.benchmark.cost import prefill
+    from ood_det.config import load_config
+
+    cfg = load_config(config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0",
+                               "MODEL.OOD.START_ITER", "0"])
+    model = build_model(cfg).train()
+    prefill(model.roi_heads.box_predictor.synthesizer)  # outliers drawn at every step, as late in training
+    optimizer = build_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(images_per_gpu):
+        inst = Instances(size)
+        xy = torch.rand(6, 2, generator=g) * torch.tensor([size[1], size[0]]) * 0.6
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 80 + 200 * torch.rand(6, 2, generator=g)], dim=1))
+        inst.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (6,), generator=g)
+        image = torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8)
+        batch.append({"image": image, "instances": inst, "height": size[0], "width": size[1]})
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    result = {"config": config, "images_per_gpu": images_per_gpu, "image_size": list(size)}
+    for amp in (False, True) if cuda else (False,):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        with EventStorage(0):
+            for i in range(iters + 3):
+                sync()
+                start = time.perf_counter()
+                with torch.autocast("cuda", enabled=amp):
+                    loss = sum(model(batch).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                sync()
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+        key = "amp" if amp else "fp32"
+        result[f"{key}_ms_per_step"] = round(1000 * statistics.median(times), 1)
+        result[f"{key}_peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+    return result
+
+
+def estimates(step):
+    """Training hours of the real schedules, extrapolated from the one measured step: each GPU
+    handles batch / GPUs images per iteration at the measured time per image (communication
+    between GPUs and data loading left out)."""
+    rows = []
+    for name, (iters, batch) in REAL_SCHEDULES.items():
+        for gpus in (1, 2, 4, 8):
+            for key in ("fp32", "amp"):
+                per_image = step[f"{key}_ms_per_step"] / 1000 / step["images_per_gpu"]
+                rows.append({"config": name, "gpus": gpus, "precision": key,
+                             "hours": round(iters * per_image * batch / gpus / 3600, 1)})
+    return rows
+
+
+def markdown(summary):
+    t, tr, vi, co, rc = (summary.get(k, {}) for k in ("tests", "train", "visualize", "cost", "real_config"))
+    ood = "; ".join(f"{name} FPR95 {100 * m['fpr95']:.1f} / AUROC {100 * m['auroc']:.1f}"
+                    for name, m in tr.get("ood", {}).items() if m["fpr95"] is not None)
+    peak = co.get("peak_gpu_memory_bytes") or {}
+    lines = [
+        f"# GPU check: {summary['gpu']} (torch {summary['torch']}, detectron2 {summary['detectron2']})", "",
+        f"- CUDA tests: {'passed' if t.get('passed') else 'FAILED'} {t.get('counts')} ({t.get('seconds')} s)",
+        f"- shapes_energy_cfl on {summary['device']}: {'passed' if tr.get('passed') else 'FAILED'}; AP "
+        f"{_num(tr.get('ap'))}; {tr.get('score')} score, clean protocol: {ood or '-'}; "
+        f"{_num(tr.get('seconds_per_iter'), 3)} s/iter, max_mem {tr.get('max_mem_mib')} MiB, {tr.get('seconds')} s",
+        f"- visualize_ood: {'passed' if vi.get('passed') else 'FAILED'}; {vi.get('images')} images, "
+        f"{vi.get('boxes')} boxes, {vi.get('flagged')} flagged unknown",
+        f"- cost on {summary['device']}: {'passed' if co.get('passed') else 'FAILED'}; training step "
+        f"{_num(co.get('train_step_ratio'), 3)}x, inference {_num(co.get('inference_ratio'), 3)}x of "
+        f"StandardROIHeads; synthesis {_num(co.get('synthesis_speedup'), 0)}x faster than brute force; peak GPU "
+        f"memory {json.dumps(peak)}",
+        f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
+        f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
+        f" ms ({rc.get('amp_peak_mem_mib')} MiB)",
+        f"- wall time {summary['wall_time_s']} s; all passed: {summary['all_passed']}", "",
+    ]
+    if summary.get("estimates"):
+        lines += ["Estimated training hours (extrapolated from the step above, communication and data loading "
+                  "left out):", "", "| config | GPUs | precision | hours |", "| --- | ---: | --- | ---: |"]
+        lines += [f"| {r['config']} | {r['gpus']} | {r['precision']} | {r['hours']} |" for r in summary["estimates"]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default="output/gpu_check", help="folder of the summary and logs (default: %(default)s)")
+    p.add_argument("--device", default="cuda", help="CUDA device (default: %(default)s)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: no CUDA device is visible; the GPU check needs one", file=sys.stderr)
+        return 2
+    import detectron2
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "device": args.device,
+               "detectron2": detectron2.__version__}
+    summary["tests"] = tests_step(out)
+    summary["train"], run_dir = train_step(out, args.device)
+    summary["visualize"] = visualize_step(out, run_dir, args.device)
+    summary["cost"] = cost_step(out, args.device)
+    try:
+        summary["real_config"] = dict(real_config_step(args.device), passed=True)
+        summary["estimates"] = estimates(summary["real_config"])
+    except (RuntimeError, ValueError) as e:  # e.g. out of memory on a small GPU
+        summary["real_config"] = {"passed": False, "error": " ".join(str(e).split())[:300]}
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    summary["all_passed"] = all(summary[k].get("passed") for k in ("tests", "train", "visualize", "cost",
+                                                                     "real_config"))
+    atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2))
+    text = markdown(summary)
+    atomic_write(out / "summary.md", lambda f: f.write(text))
+    print(text)
+    return 0 if summary["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
