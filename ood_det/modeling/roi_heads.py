@@ -276,9 +276,8 @@ def _proposal_index(keep: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor
     boxes or scores before NMS, and ``keep`` indexes what is left; map it back.
     """
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
-    if valid.all():
-        return keep
-    return torch.nonzero(valid).squeeze(1)[keep]
+    # The valid proposals' indices in order, without a data-dependent branch (no device sync).
+    return torch.argsort((~valid).to(torch.uint8), stable=True)[keep]
 
 
 def _check_choice(key: str, value: str, choices) -> None:

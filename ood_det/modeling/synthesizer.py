@@ -287,6 +287,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._stats_stale = False
         self._gaussian_cache = None  # (means, Cholesky factor), refitted every refit_period writes
         self._writes_since_fit = 0
+        self._full = False  # every queue full (None: unknown, read from queue_count when asked)
         self._announced = set()  # status lines already logged: "waiting", "started"
 
     @classmethod
@@ -323,35 +324,35 @@ class VirtualOutlierSynthesizer(nn.Module):
             labels: (B,) class of each feature; labels outside [0, K) (background,
                 ignore) are dropped.
         """
-        valid = (labels >= 0) & (labels < self.num_classes)
-        features = features.detach()[valid].to(self.queue.dtype)
-        labels = labels[valid].long()
+        features, labels = features.detach().to(self.queue.dtype), labels.long()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             features, labels = all_gather_features(features, labels)
-        if labels.numel() > 0:
-            self._write(features, labels)
+        self._write(features, labels)
 
     def _write(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        # Which feature goes to which slot is a few integers per feature: worked out on the CPU
+        # after one copy from the device, instead of device ops that would each wait for the GPU.
+        B, K = len(labels), self.num_classes
+        host = torch.cat([labels, self.queue_count, self.queue_ptr]).cpu()
+        plan = _plan_writes(host[:B], host[B:B + K], host[B + K:], self.queue_size,
+                            fill_only=self.rotation == "all_full" and not self._full_in(host[B:B + K]))
+        if plan is None:
+            return
         self._writes_since_fit += 1
-        counts = torch.bincount(labels, minlength=self.num_classes)
-        rank = _rank_within_class(labels, counts)
-        if self.rotation == "all_full" and not self.is_full():
-            # Filling phase (VOS): each class takes only what still fits, nothing is evicted.
-            keep = rank < (self.queue_size - self.queue_count)[labels]
-            features, labels = features[keep], labels[keep]
-            counts = torch.bincount(labels, minlength=self.num_classes)
-            rank = rank[keep]
-        skip = (counts - self.queue_size).clamp(min=0)[labels]  # only the last Q of a class fit
-        keep = rank >= skip
-        features, labels, rank = features[keep], labels[keep], (rank - skip)[keep]
-        slots = (self.queue_ptr[labels] + rank) % self.queue_size
-        evicted = slots < self.queue_count[labels]
-        old = self.queue[labels[evicted], slots[evicted]]
-        self._update_stats(features, labels, old, labels[evicted])
+        index, labels_h, slots_h, evicted_h, count_h, ptr_h = plan
+        device = self.queue.device
+        features = features.index_select(0, index.to(device))
+        labels, slots, evicted = (t.to(device) for t in (labels_h, slots_h, evicted_h))
+        old_labels = labels[evicted]
+        old = self.queue[old_labels, slots[evicted]]
+        self._update_stats(features, labels, old, old_labels)
         self.queue[labels, slots] = features
-        added = counts.clamp(max=self.queue_size)
-        self.queue_ptr.add_(added).remainder_(self.queue_size)
-        self.queue_count.add_(added).clamp_(max=self.queue_size)
+        self.queue_count.copy_(count_h)
+        self.queue_ptr.copy_(ptr_h)
+        self._full = bool((count_h >= self.queue_size).all())
+
+    def _full_in(self, count: torch.Tensor) -> bool:
+        return bool((count >= self.queue_size).all())
 
     def _update_stats(self, new, new_labels, old, old_labels) -> None:
         if self._stats_stale:
@@ -382,6 +383,7 @@ class VirtualOutlierSynthesizer(nn.Module):
                                       unexpected_keys, error_msgs)
         self._stats_stale = True
         self._gaussian_cache = None
+        self._full = None
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -392,8 +394,10 @@ class VirtualOutlierSynthesizer(nn.Module):
         return self
 
     def is_full(self) -> bool:
-        """Whether every class queue holds Q features."""
-        return bool((self.queue_count >= self.queue_size).all())
+        """Whether every class queue holds Q features (known on the host after each write: no device sync)."""
+        if self._full is None:
+            self._full = self._full_in(self.queue_count.cpu())
+        return self._full
 
     def ready(self, iteration: int) -> bool:
         """Whether to synthesize at ``iteration``: every queue full and iteration >= start_iter.
@@ -452,7 +456,8 @@ class VirtualOutlierSynthesizer(nn.Module):
         of N(mu_k, Sigma). Needs every queue full.
 
         Args:
-            generator: RNG on the queue's device; None = global RNG.
+            generator: RNG of the radii if it is a CPU generator, and of the directions if it is
+                on the queue's device; None: the global RNGs.
 
         Returns:
             (K*S, D) outlier features (queue dtype, class by class, least likely first)
@@ -462,8 +467,12 @@ class VirtualOutlierSynthesizer(nn.Module):
             raise RuntimeError("VirtualOutlierSynthesizer.sample needs every class queue full")
         K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
         means, factor = self._gaussian()
-        radii = top_chi_radii(self.num_candidates, S, D, K, generator, device)  # (K, S)
-        steps = radii[..., None] * random_unit_vectors((K, S), D, generator, device)
+        # K x S radii: scalar work for the CPU (the chi-squared inversion iterates); on a GPU it
+        # would be dozens of tiny kernels, each waited for.
+        on_cpu = generator is None or generator.device.type == "cpu"
+        radii = top_chi_radii(self.num_candidates, S, D, K, generator if on_cpu else None).to(device)  # (K, S)
+        on_device = generator is not None and generator.device == torch.device(device)
+        steps = radii[..., None] * random_unit_vectors((K, S), D, generator if on_device else None, device)
         outliers = means[:, None, :] + steps @ factor.t()
         labels = torch.arange(K, device=device).repeat_interleave(S)
         return outliers.reshape(K * S, D).to(self.queue.dtype), labels
@@ -475,6 +484,37 @@ class VirtualOutlierSynthesizer(nn.Module):
         device = self.queue.device
         empty = torch.zeros(0, self.feature_dim, dtype=self.queue.dtype, device=device)
         return empty, torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _plan_writes(labels, count, ptr, queue_size: int, fill_only: bool):
+    """
+    Where one batch of features goes (all CPU tensors). Returns None when nothing is written, else
+    (index of the features kept, their labels, their slots, which slots held a feature (evicted),
+    the new counts, the new write pointers).
+
+    Args:
+        labels: (B,) int64, any value (those outside [0, K) are dropped).
+        count, ptr: (K,) features held and next slot of each class queue.
+        fill_only: take only what still fits (VOS's filling phase); else FIFO with eviction.
+    """
+    K = len(count)
+    index = torch.nonzero((labels >= 0) & (labels < K)).squeeze(1)
+    counts = torch.bincount(labels[index], minlength=K)
+    rank = _rank_within_class(labels[index], counts)
+    if fill_only:
+        room = rank < (queue_size - count)[labels[index]]
+        index, rank = index[room], rank[room]
+        counts = torch.bincount(labels[index], minlength=K)
+    skip = (counts - queue_size).clamp(min=0)[labels[index]]  # only the last Q of a class fit
+    fits = rank >= skip
+    index, rank = index[fits], (rank - skip)[fits]
+    if index.numel() == 0:
+        return None
+    kept = labels[index]
+    slots = (ptr[kept] + rank) % queue_size
+    evicted = torch.nonzero(slots < count[kept]).squeeze(1)
+    added = counts.clamp(max=queue_size)
+    return index, kept, slots, evicted, (count + added).clamp(max=queue_size), (ptr + added) % queue_size
 
 
 def _rank_within_class(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
