@@ -23,6 +23,9 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.ENERGY_TEMPERATURE = 1.0
     # Weight w of the representation term in the "combined" id score.
     _C.MODEL.OOD.REP_SCORE_WEIGHT = 1.0
+    # Choose w at calibration instead, without OOD data: the weight that best separates the
+    # in-distribution validation boxes from virtual outliers (a logistic regression on both terms).
+    _C.MODEL.OOD.FIT_REP_SCORE_WEIGHT = False
 
     # Embedding head: box feature (D) -> hidden -> EMBED_DIM (E), L2-normalized.
     _C.MODEL.OOD.EMBED_DIM = 128
@@ -62,6 +65,9 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.NUM_CANDIDATES = 10000
     # S: outliers kept per class and iteration (VOS: 1).
     _C.MODEL.OOD.NUM_SAMPLES = 1
+    # Where virtual outliers live: "gaussian" (VOS: samples of the class Gaussians as drawn) or
+    # "relu" (clipped at 0, inside the support of the box head's post-ReLU features).
+    _C.MODEL.OOD.OUTLIER_SUPPORT = "gaussian"
     # eps added to the diagonal of the shared covariance.
     _C.MODEL.OOD.COV_EPS = 1e-4
     # P: class means, covariance and its Cholesky factor are refitted once every P training

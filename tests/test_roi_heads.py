@@ -244,3 +244,19 @@ def test_bad_config_names_the_key(key, value, message):
     _, shapes, _, _ = _inputs()
     with pytest.raises(ValueError, match=message):
         build_roi_heads(cfg, shapes)
+
+
+@pytest.mark.parametrize("support", ["gaussian", "relu"])
+def test_virtual_outliers_in_the_features_support(support):
+    cfg = _cfg(START_ITER=0, OUTLIER_SUPPORT=support, NUM_SAMPLES=8)
+    features, shapes, proposals, targets = _inputs()
+    heads = _build(cfg, shapes)
+    pred = heads.box_predictor
+    assert pred.virtual_outlier_fields() is None  # queues still empty
+    _train_step(heads, features, proposals, targets, 0)
+    _train_step(heads, features, proposals, targets, 1)
+    assert pred.synthesizer.is_full()
+    outliers = pred._in_support(pred.synthesizer.sample()[0])
+    assert (outliers.min() >= 0) == (support == "relu")  # Gaussian tails reach below 0; relu clips them
+    fields = pred.virtual_outlier_fields(rounds=3)
+    assert set(fields) == {"energy", "msp", "rep_score"} and len(fields["energy"]) == 3 * 8 * NUM_CLASSES

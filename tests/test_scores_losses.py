@@ -313,3 +313,27 @@ def test_calibration_keeps_float64_through_dtype_casts():
     scorer.half().float()
     for key, value in scorer.state_dict().items():
         assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+
+
+def test_fitted_weight_follows_the_term_that_separates_outliers():
+    rng = np.random.default_rng(1)
+    n = 400
+    ids = {"energy": -rng.normal(5, 1, n), "msp": rng.uniform(0.5, 1, n), "rep_score": rng.normal(0.8, 0.1, n)}
+
+    def outliers(energy_shift, rep_shift):
+        return {"energy": -rng.normal(5 - energy_shift, 1, n), "msp": rng.uniform(0.5, 1, n),
+                "rep_score": rng.normal(0.8 - rep_shift, 0.1, n)}
+
+    weights = {}
+    for name, shift in {"rep": (0.0, 0.3), "energy": (3.0, 0.0), "both": (1.0, 0.1)}.items():
+        scorer = OODScorer(rep_weight=1.0, fit_rep_weight=True)
+        scorer.fit(ids, 0.0, outlier_fields=outliers(*shift))
+        weights[name] = float(scorer.rep_weight)
+    assert weights["rep"] > 3.0  # only the representation separates: it gets the weight
+    assert weights["energy"] < 0.3  # only the energy separates
+    assert 0.5 < weights["both"] < 2.0  # equally separating in standardized units: w near 1
+    # The threshold is computed with the fitted weight: it keeps 95% of the validation boxes.
+    assert float((scorer.id_score(ids) >= scorer.id_threshold).double().mean()) >= 0.95
+    fixed = OODScorer(rep_weight=0.7)
+    fixed.fit(ids, 0.0, outlier_fields=outliers(0.0, 0.3))
+    assert float(fixed.rep_weight) == pytest.approx(0.7)  # not asked to fit: the configured weight stays

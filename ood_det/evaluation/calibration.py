@@ -9,7 +9,8 @@ checkpoint):
    :func:`~ood_det.evaluation.boxes.f1_optimal_threshold` (the literature's
    rule, applied here to validation data), averaged over the splits;
 2. mean / std of each raw score over the validation boxes that pass it (they
-   standardize the id scores);
+   standardize the id scores) and, with ``MODEL.OOD.FIT_REP_SCORE_WEIGHT``, the weight of
+   the combined score that best separates those boxes from virtual outliers;
 3. the id-score threshold that keeps 95% of those boxes (``is_ood`` below it).
 
 A split that is a test set (listed in ``DATASETS.TEST`` or ``DATASETS.OOD_TEST``,
@@ -109,7 +110,8 @@ def calibrate(cfg, model, dataset_names=None) -> dict:
             f"calibration on {', '.join(names)} kept {len(kept['scores'])} box(es) above confidence "
             f"{conf_threshold:.3f}: the model detects (almost) nothing there; train longer"
         )
-    summary = scorer.fit(score_fields(kept), conf_threshold)
+    outliers = find_box_predictor(model).virtual_outlier_fields() if scorer.fit_rep_weight else None
+    summary = scorer.fit(score_fields(kept), conf_threshold, outlier_fields=outliers)
     summary.update(datasets=names, unreadable_images=len(skipped))
     logger.info("OOD calibration on %s: %s", ", ".join(names), summary)
     return summary

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("vanilla", "vos", "energy_cfl")
 ENERGY_LOSSES = ("logistic", "margin")
+OUTLIER_SUPPORTS = ("gaussian", "relu")
 #: The losses each mode adds to Fast R-CNN's loss_cls and loss_box_reg.
 MODE_LOSSES = {"vanilla": (), "vos": ("loss_energy",), "energy_cfl": ("loss_cfl", "loss_energy", "loss_rep_out")}
 
@@ -71,6 +72,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         rep_out_margin: float = 0.0,
         rep_out_weight: float = 1.0,
         synthesizer: Optional[VirtualOutlierSynthesizer] = None,
+        outlier_support: str = "gaussian",
         **kwargs,
     ):
         """
@@ -87,11 +89,15 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
                 the training energy of ``loss_energy`` (VOS); the score is unweighted.
             rep_out_margin, rep_out_weight: margin and weight of ``loss_rep_out``.
             synthesizer: outlier synthesizer; required unless mode is "vanilla".
+            outlier_support: "gaussian" (outliers as drawn) or "relu" (clipped at 0, where the
+                post-ReLU box features live).
             kwargs: arguments of ``FastRCNNOutputLayers`` (num_classes, box2box_transform, ...).
         """
         super().__init__(input_shape, **kwargs)
         _check_choice("MODEL.OOD.MODE", mode, MODES)
         _check_choice("MODEL.OOD.ENERGY_LOSS", energy_loss, ENERGY_LOSSES)
+        _check_choice("MODEL.OOD.OUTLIER_SUPPORT", outlier_support, OUTLIER_SUPPORTS)
+        self.outlier_support = outlier_support
         if mode != "vanilla" and synthesizer is None:
             raise ValueError(f"MODEL.OOD.MODE={mode!r} needs a VirtualOutlierSynthesizer")
         self.mode = mode
@@ -142,6 +148,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             energy_class_weights=ood.ENERGY_CLASS_WEIGHTS,
             rep_out_margin=ood.REP_OUT_MARGIN,
             rep_out_weight=ood.REP_OUT_WEIGHT,
+            outlier_support=ood.OUTLIER_SUPPORT,
         )
         if ood.MODE != "vanilla":
             ret["synthesizer"] = VirtualOutlierSynthesizer(
@@ -193,7 +200,21 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         """Queue the foreground features; (P, D) virtual outliers once synthesis has started."""
         self.synthesizer.enqueue(fg_features, fg_labels)
         outliers, _ = self.synthesizer.sample_if_ready(get_event_storage().iter)
-        return outliers.to(fg_features.dtype)
+        return self._in_support(outliers).to(fg_features.dtype)
+
+    def _in_support(self, outliers: torch.Tensor) -> torch.Tensor:
+        return F.relu(outliers) if self.outlier_support == "relu" else outliers
+
+    @torch.no_grad()
+    def virtual_outlier_fields(self, rounds: int = 50) -> Optional[Dict[str, torch.Tensor]]:
+        """The scorer's raw fields of ``rounds`` draws of virtual outliers (as training draws them),
+        for calibration without OOD data; None when there is no synthesizer or a queue is not full."""
+        if self.synthesizer is None or not self.synthesizer.is_full():
+            return None
+        features = self._in_support(torch.cat([self.synthesizer.sample()[0] for _ in range(rounds)]))
+        features = features.to(self.cls_score.weight.dtype)
+        embeddings = self.embeddings(features) if self.embed is not None else None
+        return self.scorer.box_scores(self.cls_score(features), embeddings, self.centers)
 
     def training_energy(self, class_logits: torch.Tensor) -> torch.Tensor:
         """(R, K+1) logits -> (R,) energies of ``loss_energy``: the scorer's energy, with the

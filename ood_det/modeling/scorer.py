@@ -52,6 +52,8 @@ NEEDS_REPRESENTATION = ("representation", "combined")
 #: The share of in-distribution validation boxes that the decision threshold keeps.
 KEEP_SHARE = 0.95
 FLOAT64_BUFFERS = ("stats", "rep_weight", "id_threshold", "conf_threshold")
+#: The largest representation weight calibration may choose (the representation alone, nearly).
+MAX_FITTED_WEIGHT = 10.0
 
 
 class OODScorer(nn.Module):
@@ -75,6 +77,7 @@ class OODScorer(nn.Module):
         score: str = "auto",
         temperature: float = 1.0,
         rep_weight: float = 1.0,
+        fit_rep_weight: bool = False,
         has_representation: bool = True,
         keep_share: float = KEEP_SHARE,
     ):
@@ -84,6 +87,8 @@ class OODScorer(nn.Module):
                 model has class centers, else energy).
             temperature: T of the energy (``MODEL.OOD.ENERGY_TEMPERATURE``).
             rep_weight: w of the combined score (``MODEL.OOD.REP_SCORE_WEIGHT``).
+            fit_rep_weight: choose w at calibration instead (``MODEL.OOD.FIT_REP_SCORE_WEIGHT``):
+                the weight that best separates validation boxes from virtual outliers (see :meth:`fit`).
             has_representation: whether the model has an embedding head and class centers.
             keep_share: share of validation boxes kept by the decision threshold.
         """
@@ -93,6 +98,7 @@ class OODScorer(nn.Module):
         if not 0.0 < keep_share <= 1.0:
             raise ValueError(f"keep_share must be in (0, 1], got {keep_share}")
         self.temperature = float(temperature)
+        self.fit_rep_weight = bool(fit_rep_weight)
         self.has_representation = bool(has_representation)
         self.keep_share = float(keep_share)
         self.score_name = self._resolve(score)
@@ -110,11 +116,12 @@ class OODScorer(nn.Module):
             "score": ood.SCORE,
             "temperature": ood.ENERGY_TEMPERATURE,
             "rep_weight": ood.REP_SCORE_WEIGHT,
+            "fit_rep_weight": ood.FIT_REP_SCORE_WEIGHT,
             "has_representation": ood.MODE == "energy_cfl",
         }
 
     def extra_repr(self) -> str:
-        return (f"score={self.score_name}, temperature={self.temperature}, "
+        return (f"score={self.score_name}, temperature={self.temperature}, fit_rep_weight={self.fit_rep_weight}, "
                 f"has_representation={self.has_representation}, keep_share={self.keep_share}")
 
     def _resolve(self, score: str) -> str:
@@ -208,15 +215,20 @@ class OODScorer(nn.Module):
 
     # ------------------------------------------------------------ calibration
     @torch.no_grad()
-    def fit(self, fields: Mapping, conf_threshold: float) -> dict:
+    def fit(self, fields: Mapping, conf_threshold: float, outlier_fields: Optional[Mapping] = None) -> dict:
         """
         Calibrate on in-distribution VALIDATION boxes (never a test set): the mean and std
-        of each raw score, then the id-score threshold keeping ``keep_share`` of them.
+        of each raw score; with ``fit_rep_weight``, the weight w of the combined score; then
+        the id-score threshold keeping ``keep_share`` of the boxes.
 
         Args:
             fields: raw per-box fields of the validation boxes that pass ``conf_threshold``
                 (at least 2 boxes).
             conf_threshold: the detection-confidence threshold they were selected with.
+            outlier_fields: raw fields of virtual outliers (no OOD data): with
+                ``fit_rep_weight``, w is the ratio of the two coefficients of a logistic
+                regression of "validation box vs outlier" on the standardized terms, clipped
+                to [0, MAX_FITTED_WEIGHT].
 
         Returns:
             A summary dict (plain floats) of what was stored.
@@ -231,10 +243,30 @@ class OODScorer(nn.Module):
                 stats[i] = torch.stack([value.mean(), value.std()]).cpu()
         self.stats.copy_(stats)
         self.calibrated.fill_(True)
+        if self.fit_rep_weight and self.has_representation and outlier_fields is not None:
+            self.rep_weight.fill_(self._fitted_weight(fields, outlier_fields))
         ids = self.id_score(fields).double().cpu().numpy()
         self.id_threshold.fill_(threshold_at_tpr(ids, self.keep_share))
         self.conf_threshold.fill_(float(conf_threshold))
         return self.summary(num_boxes=n)
+
+    def _fitted_weight(self, id_fields: Mapping, outlier_fields: Mapping) -> float:
+        """w = b_rep / b_energy of a class-balanced logistic regression (ID = 1, outlier = 0) on
+        the standardized terms (std(-energy), std(rep_score)); 0 when the representation does not
+        help, MAX_FITTED_WEIGHT when the energy does not."""
+        def terms(f):
+            return torch.stack([self._standardized(f, "energy"), self._standardized(f, "rep_score")], 1).double().cpu()
+
+        x = torch.cat([terms(id_fields), terms(outlier_fields)])
+        y = torch.cat([torch.ones(len(x) - len(terms(outlier_fields))), torch.zeros(len(terms(outlier_fields)))])
+        weights = torch.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum()).double()
+        coef = _logistic_regression(x, y.double(), weights)
+        b_energy, b_rep = float(coef[0]), float(coef[1])
+        if b_rep <= 0:
+            return 0.0
+        if b_energy <= 0:
+            return MAX_FITTED_WEIGHT
+        return min(b_rep / b_energy, MAX_FITTED_WEIGHT)
 
     def summary(self, **extra) -> dict:
         """The calibration as plain numbers (for logs and results files)."""
@@ -263,6 +295,22 @@ class OODScorer(nn.Module):
             # Such checkpoints kept w in the config only: keep the configured one.
             state_dict.setdefault(prefix + "rep_weight", self.rep_weight.clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, l2: float = 1e-4) -> torch.Tensor:
+    """(F,) coefficients (the bias is fitted and dropped) of a weighted, lightly L2-regularized
+    logistic regression of ``y`` (N,) on ``x`` (N, F), by Newton's method (convex: it converges)."""
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    beta = torch.zeros(design.shape[1], dtype=x.dtype)
+    for _ in range(50):
+        p = torch.sigmoid(design @ beta)
+        grad = design.t() @ (weights * (p - y)) + l2 * beta
+        hess = (design * (weights * p * (1 - p))[:, None]).t() @ design + l2 * torch.eye(len(beta), dtype=x.dtype)
+        step = torch.linalg.solve(hess, grad)
+        beta = beta - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return beta[:-1]
 
 
 def _as_tensor(x) -> torch.Tensor:
