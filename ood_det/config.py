@@ -51,6 +51,9 @@ def add_ood_config(cfg):
     # Learnable per-class weights relu(w_k), w_k ~ U(0, 1), inside the logsumexp of the energy loss
     # only (VOS); the energy score at test time is unweighted.
     _C.MODEL.OOD.ENERGY_CLASS_WEIGHTS = True
+    # "logistic" loss: keep the slope of the regression on -energy positive (softplus), so that the
+    # loss can only push outliers to higher energy; VOS leaves it free (False).
+    _C.MODEL.OOD.ENERGY_POSITIVE_SLOPE = False
 
     # loss_rep_out: outliers whose largest center similarity exceeds this margin are pushed away.
     _C.MODEL.OOD.REP_OUT_MARGIN = 0.0

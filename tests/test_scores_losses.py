@@ -337,3 +337,17 @@ def test_fitted_weight_follows_the_term_that_separates_outliers():
     fixed = OODScorer(rep_weight=0.7)
     fixed.fit(ids, 0.0, outlier_fields=outliers(0.0, 0.3))
     assert float(fixed.rep_weight) == pytest.approx(0.7)  # not asked to fit: the configured weight stays
+
+
+def test_positive_slope_logistic_only_asks_for_higher_outlier_energy():
+    free, positive = EnergyLogistic(), EnergyLogistic(positive_slope=True)
+    for module in (free, positive):
+        with torch.no_grad():
+            module.linear.weight.fill_(-2.0)
+            module.linear.bias.fill_(0.0)
+    x = torch.tensor([1.0, -3.0])
+    torch.testing.assert_close(free(x), -2.0 * x)
+    torch.testing.assert_close(positive(x), F.softplus(torch.tensor(-2.0)) * x)  # slope softplus(-2) > 0
+    e_in, e_out = torch.tensor([-1.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+    energy_loss_logistic(e_in, e_out, positive).backward()
+    assert e_in.grad > 0 and e_out.grad < 0  # lower the ID energy, raise the outlier's

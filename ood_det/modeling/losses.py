@@ -63,15 +63,22 @@ class EnergyLogistic(nn.Module):
     The learned logistic regression of VOS on ``-energy``: ``logit = a * (-E) + b``,
     P(in-distribution) = sigmoid(logit). The head owns one and passes it to
     :func:`energy_loss_logistic`. Initialized like ``nn.Linear`` (as in VOS).
+
+    VOS leaves the slope ``a`` free. When virtual outliers happen to have lower energy than
+    the in-distribution proposals, the regression then fits a negative slope and the loss
+    pushes the energies the wrong way (outliers down, proposals up). ``positive_slope`` uses
+    ``softplus(a)`` instead, so that the loss can only ask for outliers of higher energy.
     """
 
-    def __init__(self):
+    def __init__(self, positive_slope: bool = False):
         super().__init__()
         self.linear = nn.Linear(1, 1)
+        self.positive_slope = positive_slope
 
     def forward(self, neg_energy: torch.Tensor) -> torch.Tensor:
         """(P,) ``-energy`` -> (P,) logits of "in-distribution"."""
-        return self.linear(neg_energy[:, None]).squeeze(1)
+        slope = F.softplus(self.linear.weight) if self.positive_slope else self.linear.weight
+        return F.linear(neg_energy[:, None], slope, self.linear.bias).squeeze(1)
 
 
 def energy_loss_logistic(e_in: torch.Tensor, e_out: torch.Tensor, logistic_module: nn.Module) -> torch.Tensor:

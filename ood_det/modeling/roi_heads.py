@@ -69,6 +69,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         energy_loss_weight: float = 0.1,
         energy_margins: Tuple[float, float] = (-25.0, -7.0),
         energy_class_weights: bool = True,
+        energy_positive_slope: bool = False,
         rep_out_margin: float = 0.0,
         rep_out_weight: float = 1.0,
         synthesizer: Optional[VirtualOutlierSynthesizer] = None,
@@ -87,6 +88,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             energy_margins: (m_in, m_out) of the "margin" energy loss.
             energy_class_weights: learnable per-class weights relu(w_k), w_k ~ U(0, 1), inside
                 the training energy of ``loss_energy`` (VOS); the score is unweighted.
+            energy_positive_slope: the "logistic" energy loss's slope kept positive (see
+                :class:`~ood_det.modeling.losses.EnergyLogistic`); VOS leaves it free.
             rep_out_margin, rep_out_weight: margin and weight of ``loss_rep_out``.
             synthesizer: outlier synthesizer; required unless mode is "vanilla".
             outlier_support: "gaussian" (outliers as drawn) or "relu" (clipped at 0, where the
@@ -113,7 +116,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         self.synthesizer = synthesizer if mode != "vanilla" else None
         self.embed = self.centers = self.energy_logistic = self.energy_weights = None
         if mode != "vanilla":
-            self.energy_logistic = EnergyLogistic() if energy_loss == "logistic" else None
+            self.energy_logistic = EnergyLogistic(energy_positive_slope) if energy_loss == "logistic" else None
             if energy_class_weights:
                 self.energy_weights = nn.Parameter(torch.rand(self.num_classes))
         if mode == "energy_cfl":
@@ -146,6 +149,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             energy_loss_weight=ood.ENERGY_LOSS_WEIGHT,
             energy_margins=(ood.ENERGY_MARGIN_IN, ood.ENERGY_MARGIN_OUT),
             energy_class_weights=ood.ENERGY_CLASS_WEIGHTS,
+            energy_positive_slope=ood.ENERGY_POSITIVE_SLOPE,
             rep_out_margin=ood.REP_OUT_MARGIN,
             rep_out_weight=ood.REP_OUT_WEIGHT,
             outlier_support=ood.OUTLIER_SUPPORT,
