@@ -288,6 +288,14 @@ def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
     assert quick["schedule"]["SOLVER.MAX_ITER"] == round(plan["schedule"]["SOLVER.MAX_ITER"] / 3)
 
 
+def test_default_jobs_share_a_cpu_but_not_a_gpu():
+    assert runs.default_jobs("cpu", cpus=2) == 2
+    assert runs.default_jobs("cpu", cpus=16) == 2
+    assert runs.default_jobs("cpu", cpus=1) == 1
+    assert runs.default_jobs("cuda", cpus=16) == 1
+    assert runs.default_jobs("cuda:1", cpus=16) == 1
+
+
 def test_scale_schedule_scales_every_iteration_count():
     schedule = {"SOLVER.MAX_ITER": 1500, "SOLVER.STEPS": [1100, 1350], "SOLVER.WARMUP_ITERS": 100,
                 "MODEL.OOD.START_ITER": 600}

@@ -2,7 +2,7 @@
 """Benchmark ood_det: three methods side by side with paired 95% intervals, and what the OOD head costs.
 
     tools/benchmark.py                          # 5 seeds x (vanilla, vos, energy_cfl), then the cost
-    tools/benchmark.py --quick                  # 1 seed, a third of the schedule (~10 min on 2 CPU cores)
+    tools/benchmark.py --quick                  # 1 seed, a third of the schedule (9.7 min on 2 CPU cores)
     tools/benchmark.py --skip-quality           # the cost ratios only (a few minutes on a CPU)
     tools/benchmark.py --validation             # on the tuning splits, for choosing hyper-parameters
     tools/benchmark.py --device cuda --config-prefix voc_ --skip-cost
@@ -42,7 +42,7 @@ def build_parser():
                    "benchmark, else --output)")
     p.add_argument("--device", default="cpu", help="torch device for training, evaluation and cost (default: cpu)")
     p.add_argument("--quick", action="store_true",
-                   help=f"one seed and the schedule scaled by {B.QUICK_SCALE:.3g} (fits ~10 min on 2 CPU cores)")
+                   help=f"one seed and the schedule scaled by {B.QUICK_SCALE:.3g} (9.7 min on 2 CPU cores, 2 jobs)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(B.DEFAULT_SEEDS),
                    help="training seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=B.METHODS, default=list(B.METHODS), help="methods to train")
@@ -56,9 +56,10 @@ def build_parser():
                    help="scale the schedule so that SOLVER.MAX_ITER is this (overrides --schedule-scale)")
     p.add_argument("--reuse", action="store_true",
                    help="keep runs of --output whose results exist and whose command is unchanged")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="training runs at once (default: 1); each gets the CPUs shared out (see --threads). "
-                   "On 2 CPU cores, 2 jobs of 1 thread finish about 30%% sooner than 1 job of 2")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training runs at once (default: 2 on a CPU with >= 2 cores, else 1); each gets the "
+                   "CPUs shared out (see --threads). On 2 CPU cores, 2 jobs of 1 thread finish about 30%% "
+                   "sooner than 1 job of 2")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch for the cost part and (OMP_NUM_THREADS) every training run; default: "
                    "torch's. 1 avoids thread stalls when other processes share the cores")
@@ -91,7 +92,8 @@ def plan(args):
     return B.plan_quality(
         args.methods, args.seeds, quick=args.quick, validation=args.validation, opts=args.opts,
         config_prefix=args.config_prefix, config_suffix=args.config_suffix, schedule_scale=args.schedule_scale,
-        max_iter=args.max_iter, device=args.device, threads=args.threads, jobs=args.jobs)
+        max_iter=args.max_iter, device=args.device, threads=args.threads,
+        jobs=args.jobs if args.jobs is not None else B.default_jobs(args.device))
 
 
 def cost_overrides(args):
