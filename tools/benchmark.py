@@ -92,8 +92,7 @@ def plan(args):
     return B.plan_quality(
         args.methods, args.seeds, quick=args.quick, validation=args.validation, opts=args.opts,
         config_prefix=args.config_prefix, config_suffix=args.config_suffix, schedule_scale=args.schedule_scale,
-        max_iter=args.max_iter, device=args.device, threads=args.threads,
-        jobs=args.jobs if args.jobs is not None else B.default_jobs(args.device))
+        max_iter=args.max_iter, device=args.device, threads=args.threads, jobs=args.jobs)
 
 
 def cost_overrides(args):

@@ -14,7 +14,6 @@ from .runs import (
     METHODS,
     QUICK_SCALE,
     VALIDATION_OPTS,
-    default_jobs,
     failed_runs,
     plan_quality,
     prepare_datasets,
@@ -25,8 +24,8 @@ from .stats import aggregate, comparisons, t_interval, t_quantile
 
 __all__ = [
     "COST_PRESETS", "DEFAULT_SEEDS", "METHODS", "QUICK_SCALE", "VALIDATION_OPTS",
-    "add_quality", "aggregate", "comparisons", "cost_settings", "default_jobs", "failed_runs", "file_names",
-    "finish_result", "markdown",
+    "add_quality", "aggregate", "comparisons", "cost_settings", "failed_runs", "file_names", "finish_result",
+    "markdown",
     "new_result", "plan_quality", "prepare_datasets", "resolve_device", "run_cost", "run_quality",
     "scale_schedule", "t_interval", "t_quantile", "write_json", "write_results",
 ]

@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from ..errors import OODDetError
-from ..evaluation.ood_evaluation import RESULTS_FILE
 from . import stats
-from .runs import RUN_META, VALIDATION_OPTS, read_results
+from .runs import RUN_META, VALIDATION_OPTS, read_finished_run
 
 SCORES = ("combined", "energy", "representation")
 METRICS = ("fpr95", "auroc")
@@ -48,13 +47,8 @@ def _with_runs_on_disk(folder, runs):
     have = {(r["method"], r["seed"]) for r in runs}
     out = list(runs)
     for meta_path in sorted(Path(folder).glob(f"runs/*/seed*/{RUN_META}")):
-        results_path = meta_path.parent / RESULTS_FILE
-        with open(meta_path) as f:
-            record = json.load(f)
-        if (record.get("method"), record.get("seed")) in have or record.get("returncode") != 0:
-            continue
-        if results_path.is_file():
-            record.update(read_results(results_path))
+        record = read_finished_run(meta_path.parent)
+        if record is not None and (record.get("method"), record.get("seed")) not in have:
             out.append(record)
     return out
 
@@ -79,12 +73,12 @@ def tuning_set(result):
     return sets[0]
 
 
-def _cell(values, base_values=None, metric=None):
+def _cell(values, metric, base_values=None):
     """Mean of ``values`` (seed -> %), and with ``base_values`` the paired difference."""
     mean, _, n = stats.mean_sd(values.values())
     cell = {"mean": mean, "n": n}
     if base_values is not None:
-        seeds, diffs = stats.paired_values(values, base_values, metric or "")
+        seeds, diffs = stats.paired_values(values, base_values, metric)
         iv = stats.t_interval(diffs)
         sig = stats.significant(iv.low, iv.high)
         better = None
@@ -118,8 +112,8 @@ def lever_rows(base, levers, method="energy_cfl", protocol="clean", scores=SCORE
         for score in scores:
             for metric in METRICS:
                 base_values = values(base, score, metric) if paired else None
-                row["cells"][f"{score}/{metric}"] = _cell(values(result, score, metric), base_values, metric)
-        row["cells"]["ap"] = _cell(values(result, None, "ap"), values(base, None, "ap") if paired else None, "ap")
+                row["cells"][f"{score}/{metric}"] = _cell(values(result, score, metric), metric, base_values)
+        row["cells"]["ap"] = _cell(values(result, None, "ap"), "ap", values(base, None, "ap") if paired else None)
         if any(c["n"] for c in row["cells"].values()):
             rows.append(row)
     return rows

@@ -101,7 +101,7 @@ def default_jobs(device="cpu", cpus=None):
 
 def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validation=False, opts=(),
                  config_prefix="shapes_", config_suffix="", schedule_scale=None, max_iter=None,
-                 device="cpu", threads=None, jobs=1):
+                 device="cpu", threads=None, jobs=None):
     """Configs, schedule and seeds of the quality part, as a JSON-able dict.
 
     Refuses methods whose configs train on different schedules: their numbers would not compare.
@@ -109,8 +109,10 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     scales the schedule. With ``validation`` the tuning splits replace the test splits, unless
     ``opts`` names them itself (explicit overrides win). ``jobs`` runs train at once; each then
     gets ``threads`` (default: the CPUs shared out) and loads its data in its own process: on a
-    small CPU two single-threaded runs together finish sooner than one after the other.
+    small CPU two single-threaded runs together finish sooner than one after the other
+    (None: :func:`default_jobs`).
     """
+    jobs = default_jobs(device) if jobs is None else jobs
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if jobs > 1:
@@ -217,15 +219,24 @@ def _finish(record, run_dir, log_path, keep_checkpoints):
     atomic_write(run_dir / RUN_META, lambda f: json.dump(meta, f, indent=2))
 
 
-def finished_run(run_dir, args):
-    """The record of a finished run in ``run_dir`` with the same train_net arguments, else None."""
+def read_finished_run(run_dir):
+    """The record of the successful run in ``run_dir`` with its results, else None."""
     meta_path, results_path = Path(run_dir) / RUN_META, Path(run_dir) / RESULTS_FILE
     if not (meta_path.is_file() and results_path.is_file()):
         return None
     record = json.loads(meta_path.read_text())
-    if record.get("train_net_args") != args or record.get("returncode") != 0:
+    if record.get("returncode") != 0:
         return None
-    record.update(read_results(results_path), reused=True)
+    record.update(read_results(results_path))
+    return record
+
+
+def finished_run(run_dir, args):
+    """The record of a finished run in ``run_dir`` with the same train_net arguments, else None."""
+    record = read_finished_run(run_dir)
+    if record is None or record.get("train_net_args") != args:
+        return None
+    record["reused"] = True
     return record
 
 
