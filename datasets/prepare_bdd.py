@@ -28,7 +28,8 @@ Conventions:
   or given once with ``--image-size 1280x720`` (every BDD100K image), which
   trusts that size and reads no header.
 - Missing images: listed, and nothing is written, unless ``--allow-missing``
-  (which needs ``--image-size``: a missing file has no header to read).
+  (without ``--image-size`` the missing images are left out: a missing file
+  has no header to read).
 - Calibration split: see ``ood_det.data.prepare_common`` (key = file name).
 
 See datasets/README.md, section "BDD100K".
@@ -135,18 +136,19 @@ def prepare(args, report):
         "bdd100k_calib": pc.subset(train, calib_ids, f"BDD100K train, calibration split ({rule})"),
         "bdd100k_val": val,
     }
-    sets = [(coco["images"], root / REAL_DATASETS[name].image_root) for name, coco in outputs.items()]
-    pc.check_images(root, sets, args.allow_missing, report, size_hint=", or pass --image-size 1280x720")
+    sets = {name: (coco, root / REAL_DATASETS[name].image_root) for name, coco in outputs.items()}
+    outputs = pc.check_images(root, sets, args.allow_missing, report, size_hint=" or pass --image-size 1280x720")
     blobs = {name: pc.coco_bytes(coco) for name, coco in outputs.items()}
     for name, data in blobs.items():
         report.write(prepared_json(root, name), data)
 
     for name, coco in outputs.items():
         report.check(name, coco, root / REAL_DATASETS[name].image_root)
+    n_train, n_calib, n_val = (len(outputs[n]["images"]) for n in ("bdd100k_train", "bdd100k_calib", "bdd100k_val"))
     report.say(
         "[check] splits",
-        f"  train {len(train_ids)} + calibration {len(calib_ids)} = {len(train['images'])} train images "
-        f"(literature: {LITERATURE['train']}); val {len(val['images'])} (literature: {LITERATURE['val']})",
+        f"  train {n_train} + calibration {n_calib} = {n_train + n_calib} train images "
+        f"(literature: {LITERATURE['train']}); val {n_val} (literature: {LITERATURE['val']})",
     )
     report.say("[check] labels left out", *[f"  {why}: {n}" for why, n in sorted(dropped.items())] or ["  none"])
 

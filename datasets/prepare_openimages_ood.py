@@ -17,23 +17,27 @@ ImageID per line). Writes ``prepared/openimages_ood_val.json``, registered as
 - Images: the ids of ``--image-ids``, else those of the literature's json,
   else every ``.jpg`` of the images folder. Image id = the OpenImages ImageID
   (a string, as in the literature's file). Sizes come from the image headers,
-  turned by their EXIF orientation as detectron2 turns the pixels, except
-  when the literature's json is used as-is (its own sizes).
-- Missing images: listed, and nothing is written, unless ``--allow-missing``
-  (not when the sizes must come from the missing files).
+  turned by their EXIF orientation as detectron2 turns the pixels; the
+  literature's json, used as-is, keeps its own sizes where they are those, and
+  gets the turned size where it gives the stored size of an EXIF-turned JPEG.
+- Missing images: listed, and nothing is written, unless ``--allow-missing``:
+  then written with the literature's size, or left out where only their own
+  file could give it.
 - With ``--annotations-csv``: a COCO json with the boxes of those images.
   Categories are the OpenImages display names present, alphabetical, ids 1..N.
   Boxes: x = XMin * W, w = XMax * W - XMin * W (same for y); ``IsGroupOf``
-  boxes get ``iscrowd: 1``. ``--drop-overlap voc bdd`` removes the images that
-  hold an in-distribution class. An image with no row in the CSVs cannot be
+  boxes get ``iscrowd: 1``. An image with no row in the CSVs cannot be
   checked for in-distribution objects (it is often one of another OpenImages
   split): it is refused unless ``--allow-unannotated``.
 - Without it: the literature's json, if present and no ``--image-ids`` is
-  given, is validated and used as-is (its exact bytes); otherwise an
-  images-only json is written, like the literature's.
-- The check reports which in-distribution classes the OpenImages labels show
-  (tables in ``ood_det.data.class_maps``): the literature's set is known to
-  hold some. It needs the box annotations, hence ``--annotations-csv``.
+  given, is validated and used as-is (its exact bytes, unless a size is
+  corrected); otherwise an images-only json is written, like the literature's.
+- Contamination audit: how many images hold an object of a VOC or BDD class
+  according to the CSVs' boxes (tables in ``ood_det.data.class_maps``); the
+  literature's set is known to hold some. Printed and written to
+  ``prepared/openimages_ood_val.contamination.json``. Without the CSVs there
+  are no source annotations, and the audit says so. The published image list
+  is kept unless ``--drop-contaminated [voc] [bdd]`` (both when bare).
 
 See datasets/README.md, section "OpenImages-OOD".
 """
@@ -56,6 +60,7 @@ from ood_det.errors import DatasetError
 NAME = "openimages_ood_val"
 LITERATURE_JSON = "OpenImages/ood_classes_rm_overlap/COCO-Format/val_coco_format.json"
 LITERATURE_COUNT = 1837
+ID_SETS = ("voc", "bdd")  # the two registrations of the same file
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 
 
@@ -109,10 +114,12 @@ def read_boxes(csv_files, ids: set) -> list:
     return rows
 
 
-def images_of(ids, image_dir: Path) -> list:
+def images_of(ids, image_dir: Path, lit=None) -> list:
+    """Image dicts of ``ids``, sized by their headers; a missing file takes the literature's size, if any."""
+    known = {Path(im["file_name"]).stem: (im["width"], im["height"]) for im in (lit or {}).get("images", [])}
     images = []
     for image_id in ids:
-        width, height = pc.image_size(image_dir / f"{image_id}.jpg") or (None, None)
+        width, height = pc.image_size(image_dir / f"{image_id}.jpg") or known.get(image_id, (None, None))
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})
     return images
 
@@ -141,17 +148,6 @@ def build_with_boxes(images, rows, names: dict, csv_source: str) -> dict:
             }
         )
     return pc.coco_dict(f"OpenImages-OOD, boxes from {csv_source}", images, annotations, cats)
-
-
-def drop_overlap(coco: dict, id_sets, report) -> dict:
-    dropped = set()
-    for id_set in id_sets:
-        found = pc.id_overlap(coco, TO_OPENIMAGES[id_set])
-        images = set().union(*(f["images"] for f in found.values()))
-        report.say(f"dropping {len(images)} images that hold a {id_set.upper()} class")
-        dropped |= images
-    keep = [im["id"] for im in coco["images"] if im["id"] not in dropped]
-    return pc.subset(coco, keep, coco["info"]["description"] + f", without images of {'/'.join(id_sets)} classes")
 
 
 def image_list(args, literature: Path, image_dir: Path):
@@ -188,22 +184,53 @@ def check_annotated(ids, rows, csv_files, allow: bool, report) -> None:
     report.say(f"warning: {what}; kept without boxes and unchecked (--allow-unannotated)")
 
 
-def from_csv(args, ids, image_dir: Path, root: Path, report) -> dict:
-    """The COCO json of ``ids`` with their boxes from the annotation CSVs (optionally without ID images)."""
+def from_csv(args, ids, image_dir: Path, root: Path, lit, report):
+    """(the COCO json of ``ids`` with their boxes from the annotation CSVs, the ids the CSVs have rows for)."""
     names = read_class_descriptions(Path(args.class_descriptions) if args.class_descriptions else None)
     csv_files = [Path(p) for p in args.annotations_csv]
     rows = read_boxes(csv_files, set(ids))
     check_annotated(ids, rows, csv_files, args.allow_unannotated, report)
-    images = images_of(ids, image_dir)
-    pc.check_images(root, [(images, image_dir)], args.allow_missing, report)
-    coco = build_with_boxes(images, rows, names, ", ".join(p.name for p in csv_files))
-    return drop_overlap(coco, args.drop_overlap, report) if args.drop_overlap else coco
+    images = pc.coco_dict("", images_of(ids, image_dir, lit), [], [])
+    images = pc.check_images(root, {NAME: (images, image_dir)}, args.allow_missing, report)[NAME]["images"]
+    kept = {im["id"] for im in images}
+    coco = build_with_boxes(images, [r for r in rows if r[0] in kept], names, ", ".join(p.name for p in csv_files))
+    return coco, {r[0] for r in rows}
 
 
 def check_flags(args) -> None:
-    for flag, value in (("--drop-overlap", args.drop_overlap), ("--allow-unannotated", args.allow_unannotated)):
-        if value and not args.annotations_csv:
+    for flag, given in (("--drop-contaminated", args.drop_contaminated is not None),
+                        ("--allow-unannotated", args.allow_unannotated)):
+        if given and not args.annotations_csv:
             raise DatasetError(f"{flag} needs the box annotations: pass --annotations-csv and --class-descriptions")
+
+
+NO_SOURCE = (
+    "no source annotations were given for these images: pass --annotations-csv and --class-descriptions "
+    "(OpenImages' box CSVs) to audit them"
+)
+
+
+def audits(coco: dict, annotated, csv_names: str) -> list:
+    """The contamination audit w.r.t. VOC and BDD from the boxes of the CSVs (None: no CSV given)."""
+    source = coco if annotated is not None else None
+    return [pc.audit(coco["images"], s, TO_OPENIMAGES[s], source, annotated, csv_names, NO_SOURCE) for s in ID_SETS]
+
+
+def read_set(args, root: Path, image_dir: Path, literature: Path, report):
+    """(COCO dict, the literature's exact bytes while they hold it or None, origin, the image ids that the CSVs
+    have rows for or None without CSVs, size corrections)."""
+    ids, id_source, lit = image_list(args, literature, image_dir)
+    if args.annotations_csv:
+        coco, annotated = from_csv(args, ids, image_dir, root, lit, report)
+        return coco, None, f"{id_source}, boxes from the annotation CSVs", annotated, []
+    if lit is not None:
+        corrected = pc.fit_json_sizes(lit, image_dir, literature)
+        coco = pc.check_images(root, {NAME: (lit, image_dir)}, args.allow_missing, report)[NAME]
+        data = literature.read_bytes() if coco is lit and not corrected else None
+        return coco, data, f"literature file {literature} ({pc.AS_IS if data else pc.CHANGED})", None, corrected
+    coco = pc.coco_dict("OpenImages-OOD images (no boxes)", images_of(ids, image_dir), [], [])
+    coco = pc.check_images(root, {NAME: (coco, image_dir)}, args.allow_missing, report)[NAME]
+    return coco, None, f"{id_source}, without boxes", None, []
 
 
 def prepare(args, report):
@@ -211,38 +238,27 @@ def prepare(args, report):
     image_dir = root / REAL_DATASETS[NAME].image_root
     literature = root / LITERATURE_JSON
     check_flags(args)
-    ids, id_source, lit = image_list(args, literature, image_dir)
-    if args.annotations_csv:
-        coco = from_csv(args, ids, image_dir, root, report)
-        data, origin = pc.coco_bytes(coco), f"{id_source}, boxes from the annotation CSVs"
-    elif lit is not None:
-        pc.check_images(root, [(lit["images"], image_dir)], args.allow_missing, report)
-        coco, data, origin = lit, literature.read_bytes(), f"literature file {literature} (validated, used as-is)"
-    else:
-        images = images_of(ids, image_dir)
-        pc.check_images(root, [(images, image_dir)], args.allow_missing, report)
-        coco = pc.coco_dict("OpenImages-OOD images (no boxes)", images, [], [])
-        data, origin = pc.coco_bytes(coco), f"{id_source}, without boxes"
+    coco, data, origin, annotated, corrected = read_set(args, root, image_dir, literature, report)
+    found = audits(coco, annotated, ", ".join(Path(p).name for p in args.annotations_csv or []))
+    dropped = [] if args.drop_contaminated is None else args.drop_contaminated or list(ID_SETS)
+    kept = pc.without_images(coco, pc.contaminated_ids(a for a in found if a["id_set"] in dropped))
+    if kept is not coco:
+        data, origin = None, origin.replace(pc.AS_IS, pc.CHANGED)
 
-    report.write(prepared_json(root, NAME), data)
-    report.check(NAME, coco, image_dir)
-    report.say(f"  source: {origin}", f"  literature count: {LITERATURE_COUNT} images")
-    overlap_check(coco, report)
-
-
-def overlap_check(coco: dict, report) -> None:
-    if not coco.get("annotations"):
-        report.say(
-            "  overlap check: the json holds no box annotations, so nothing to check; pass --annotations-csv "
-            "and --class-descriptions to check these images against OpenImages' labels"
-        )
-        return
-    for id_set in ("voc", "bdd"):
-        report.say(*pc.id_overlap_lines(pc.id_overlap(coco, TO_OPENIMAGES[id_set]), id_set.upper()))
-    boxed = {a["image_id"] for a in coco["annotations"]}
-    unchecked = [im["file_name"] for im in coco["images"] if im["id"] not in boxed]
-    if unchecked:
-        report.say(f"  not checked (no annotation row): {len(unchecked)} images, {pc.listing(unchecked)}")
+    path = prepared_json(root, NAME)
+    report.write(path, data if data is not None else pc.coco_bytes(kept))
+    report.write(pc.contamination_path(path), pc.contamination_bytes(path, found, dropped))
+    report.check(NAME, kept, image_dir)
+    report.say(
+        f"  source: {origin}",
+        *pc.size_lines(corrected, literature),
+        f"  literature count: {LITERATURE_COUNT} images",
+    )
+    for a in found:
+        report.say(*pc.audit_lines(a, a["id_set"] in dropped))
+    if kept["annotations"]:
+        for id_set in ID_SETS:
+            report.say(*pc.id_overlap_lines(pc.id_overlap(kept, TO_OPENIMAGES[id_set]), id_set.upper()))
 
 
 def build_parser():
@@ -256,11 +272,12 @@ def build_parser():
     parser.add_argument("--class-descriptions", help="OpenImages class-descriptions-boxable.csv")
     parser.add_argument("--image-ids", help="text file with one OpenImages ImageID per line")
     parser.add_argument(
+        "--drop-contaminated",
         "--drop-overlap",
-        nargs="+",
+        nargs="*",
         choices=("voc", "bdd"),
-        default=[],
-        help="remove the images whose boxes show a class of these in-distribution sets (needs --annotations-csv)",
+        help="remove the images whose boxes in the CSVs show a class of these in-distribution sets (default: "
+        "both; needs --annotations-csv); by default the published image list is kept and the audit only reports",
     )
     parser.add_argument(
         "--allow-unannotated",

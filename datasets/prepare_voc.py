@@ -25,7 +25,8 @@ Conventions:
   turned by the EXIF orientation), or the XML's ``<size>`` when the JPEG is
   missing (``--allow-missing``) or the XML has no size. A JPEG whose size
   disagrees with its XML is refused: its boxes would not fall on the objects.
-- Missing JPEGs: listed, and nothing is written, unless ``--allow-missing``.
+- Missing JPEGs: listed, and nothing is written, unless ``--allow-missing``
+  (then written with their XML size; one whose XML has no size is left out).
 - Image id: year * 10**6 + number (``VOC2007/000005`` -> 2007000005,
   ``2008_000008`` -> 2008000008), the same in every json.
 - Calibration split: see ``ood_det.data.prepare_common`` (key = file name).
@@ -185,7 +186,7 @@ def prepare(args, report):
     pc.check_fraction(args.calib_fraction)
     reading = Reading(difficult_as_crowd=args.difficult == "crowd")
     outputs = convert(root, args, reading)
-    pc.check_images(root, [(coco["images"], root) for coco in outputs.values()], args.allow_missing, report)
+    outputs = pc.check_images(root, {n: (coco, root) for n, coco in outputs.items()}, args.allow_missing, report)
     blobs = {name: pc.coco_bytes(coco) for name, coco in outputs.items()}
     for name, data in blobs.items():
         report.write(prepared_json(root, name), data)

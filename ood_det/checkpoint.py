@@ -30,6 +30,7 @@ import glob
 import logging
 import os
 import pickle
+import re
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -67,6 +68,16 @@ def is_ood_checkpoint(state_dict) -> bool:
     return any(_strip(k).startswith(OOD_PREFIXES) for k in state_dict)
 
 
+#: A box predictor's weights as detectron2 names them, and as Caffe2 / Detectron1 blobs do.
+_C2_PREDICTOR = re.compile(r"(cls_score|bbox_pred)_[wb]$")
+
+
+def holds_box_predictor(state) -> bool:
+    """Whether a checkpoint's ``state`` is a detector's: it holds a box predictor's weights.
+    A backbone (an ImageNet model, in any format detectron2 reads) does not."""
+    return any(PREDICTOR in k or _C2_PREDICTOR.match(k) for k in state)
+
+
 def mismatched_predictor_keys(model_state, ckpt_state):
     """[(key, checkpoint shape, model shape)] of box-predictor entries whose shapes differ."""
     model_state = {_strip(k): v for k, v in model_state.items()}
@@ -79,11 +90,14 @@ def mismatched_predictor_keys(model_state, ckpt_state):
     return out
 
 
-# The only globals a detectron2 / Detectron1 ``.pkl`` of numpy arrays needs
-# (numpy 1 and numpy 2 module names). None of them can run code: an array's
-# dtype and subtype are themselves looked up through the same allow-list.
+# The only globals a detectron2 / Detectron1 ``.pkl`` of numpy arrays needs, under the
+# numpy 1 and numpy 2 module names. None of them can run code: an array's dtype and
+# subtype are themselves looked up through the same allow-list. Pickle protocol 5
+# (Python 3.14's default) rebuilds a contiguous array with ``_frombuffer`` from its
+# bytes, which the file holds in-band as a ``bytearray`` (an opcode, not a global).
 _ARRAY_GLOBALS = frozenset(
-    [(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")]
+    [(f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
     + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict")]
 )
 REFUSED_HINT = (
@@ -95,13 +109,22 @@ REFUSED_HINT = (
 )
 
 
+_NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a global :class:`ArrayUnpickler` does not rebuild."""
+
+
 class ArrayUnpickler(pickle.Unpickler):
     """An unpickler that rebuilds numpy arrays, numbers, strings and containers only."""
 
     def find_class(self, module, name):
-        if (module, name) in _ARRAY_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it references the global {module}.{name}, which is not a numpy array")
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise RefusedGlobal(f"it references the global {module}.{name}, which is not a numpy array")
+        if module.startswith("numpy.core.") and _NUMPY2:
+            module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 warns on its old name
+        return super().find_class(module, name)
 
 
 def load_array_pickle(filename: str):
@@ -109,10 +132,14 @@ def load_array_pickle(filename: str):
     try:
         with open(filename, "rb") as f:
             return ArrayUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except RefusedGlobal as e:
         raise CheckpointError(f"refusing to load {filename}: {e}; {REFUSED_HINT}") from None
-    except (EOFError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{filename} is not a readable .pkl checkpoint ({e or 'truncated'})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{filename} is not a readable .pkl checkpoint ({e or 'truncated'}); it may be truncated, or "
+            "written with out-of-band buffers (pickle protocol 5 with a buffer_callback), whose data is not "
+            "in the file: write it again with plain pickle.dump"
+        ) from None
 
 
 def load_tensor_file(filename: str):
@@ -173,8 +200,9 @@ class OODCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that refuses an OOD checkpoint of other classes or sizes,
     writes checkpoints atomically and never runs code from a checkpoint it reads.
 
-    A plain detector's checkpoint (``StandardROIHeads``) loads into a vanilla-mode
-    ``EnergyCFLROIHeads`` as it is, to be scored post hoc. With ``inference_only=True``
+    A plain detector's checkpoint (``StandardROIHeads``: a box predictor, no OOD head state)
+    loads into a vanilla-mode ``EnergyCFLROIHeads`` as it is, to be scored post hoc; backbone
+    weights (ImageNet) are an initialization, in any mode. With ``inference_only=True``
     training-only state (the outlier queues) is not read, so a checkpoint trained with
     another ``MODEL.OOD.QUEUE_SIZE`` serves as well.
     """
@@ -260,9 +288,11 @@ class OODCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         state = checkpoint.get("model", {})
-        own = {_strip(k): v for k, v in self.model.state_dict().items()}
+        keep = ()  # model entries that keep their own values, unreported
         if self.inference_only:
-            _take_own(state, own, lambda k: k.startswith(TRAINING_ONLY))
+            keep += (TRAINING_ONLY,)
+            for key in [k for k in state if _strip(k).startswith(TRAINING_ONLY)]:
+                del state[key]
         if is_ood_checkpoint(state):
             bad = mismatched_predictor_keys(self.model.state_dict(), state)
             if bad:
@@ -271,18 +301,22 @@ class OODCheckpointer(DetectionCheckpointer):
                     f"checkpoint {getattr(self, '_loading', '?')} does not fit this model ({listed}); "
                     f"set {SHAPE_KEYS} as they were when it was trained"
                 )
-        elif state and getattr(self._box_predictor(), "mode", None) == "vanilla":
-            self._serve_plain_detector(state, own)
-        return super()._load_model(checkpoint)
+        elif holds_box_predictor(state) and getattr(self._box_predictor(), "mode", None) == "vanilla":
+            keep += (PREDICTOR + "scorer.",)
+            self._log_plain_detector()
+        incompatible = super()._load_model(checkpoint)
+        if keep and incompatible is not None:
+            missing = [k for k in incompatible.missing_keys if not _strip(k).startswith(keep)]
+            incompatible = incompatible._replace(missing_keys=missing)
+        return incompatible
 
     def _box_predictor(self):
         model = getattr(self.model, "module", self.model)
         return getattr(getattr(model, "roi_heads", None), "box_predictor", None)
 
-    def _serve_plain_detector(self, state, own) -> None:
-        """A checkpoint without OOD head state into a vanilla-mode head: the model's own scorer
-        (uncalibrated) stays, and one line says what its boxes carry."""
-        _take_own(state, own, lambda k: k.startswith(PREDICTOR + "scorer."))
+    def _log_plain_detector(self) -> None:
+        """A detector without OOD head state in a vanilla-mode head keeps the model's own
+        (uncalibrated) scorer; one line says what its boxes carry."""
         logger.info(
             "%s holds a plain detector (no OOD head state): its boxes are scored post hoc with the %s score "
             "(energy and msp per box; no representation score, which needs a model trained with MODEL.OOD.MODE "
@@ -301,15 +335,6 @@ def _split_query(path: str):
         raise CheckpointError(f"checkpoint {path}: unsupported query {sorted(queries)}; "
                               "only ?matching_heuristics=True is understood")
     return parsed._replace(query="").geturl(), heuristics
-
-
-def _take_own(state, own, wanted) -> None:
-    """Put the model's own values of the keys ``wanted`` into checkpoint ``state`` (and drop
-    the checkpoint's other such keys), so that they load unchanged and unreported."""
-    prefix = "module." if any(k.startswith("module.") for k in state) else ""
-    for key in [k for k in state if wanted(_strip(k))]:
-        del state[key]
-    state.update({prefix + k: v for k, v in own.items() if wanted(k)})
 
 
 def _from_model_zoo(data, filename: str):

@@ -52,18 +52,22 @@ def detectron2_dir():
     return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
 
 
-def needed_shims(package_dir=None) -> list:
-    """Names of :data:`SHIMS` that the installed detectron2 uses and the installed library lacks."""
+def used_shims(package_dir=None) -> list:
+    """Names of :data:`SHIMS` whose removed name the installed detectron2 (or ``package_dir``) uses."""
     package_dir = detectron2_dir() if package_dir is None else Path(package_dir)
-    needed = []
+    used = []
     for name, file, use in SHIMS:
         try:
-            uses = re.search(use, (package_dir / file).read_text(encoding="utf-8")) is not None
+            if re.search(use, (package_dir / file).read_text(encoding="utf-8")):
+                used.append(name)
         except (OSError, TypeError):
-            uses = False
-        if uses and not _present(name):
-            needed.append(name)
-    return needed
+            pass  # a detectron2 without that file cannot use the name
+    return used
+
+
+def needed_shims(package_dir=None) -> list:
+    """Names of :data:`SHIMS` that the installed detectron2 uses and the installed library lacks."""
+    return [name for name in used_shims(package_dir) if not _present(name)]
 
 
 def _present(name: str) -> bool:

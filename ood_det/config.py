@@ -54,6 +54,8 @@ def add_ood_config(cfg):
     # "logistic" loss: keep the slope of the regression on -energy positive (softplus), so that the
     # loss can only push outliers to higher energy; VOS leaves it free (False).
     _C.MODEL.OOD.ENERGY_POSITIVE_SLOPE = False
+    # "logistic" loss's regression: "binary" (Linear(1, 1), BCE) or "two_class" (VOS: Linear(1, 2), cross-entropy).
+    _C.MODEL.OOD.ENERGY_LOGISTIC = "binary"
 
     # loss_rep_out: outliers whose largest center similarity exceeds this margin are pushed away.
     _C.MODEL.OOD.REP_OUT_MARGIN = 0.0
@@ -81,6 +83,8 @@ def add_ood_config(cfg):
     # "all_full" (VOS): no class queue rotates before every queue is full; "own_full": each class
     # queue is FIFO as soon as it is full itself.
     _C.MODEL.OOD.QUEUE_ROTATION = "all_full"
+    # "all_gather": every process queues the features of all processes; "local" (VOS): its own only.
+    _C.MODEL.OOD.QUEUE_SYNC = "all_gather"
 
     # In-distribution validation split(s) on which OOD thresholds are calibrated (never a test set).
     _C.DATASETS.OOD_CALIBRATION = ()

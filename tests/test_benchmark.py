@@ -106,6 +106,21 @@ def test_one_seed_has_no_interval():
     assert stats.t_interval([]).n == 0 and stats.t_interval([1.0, float("nan"), None, 3.0]).n == 2
 
 
+def test_significant_only_when_the_interval_excludes_zero_strictly():
+    assert stats.significant(0.5, 3.0) is True and stats.significant(-3.0, -0.5) is True
+    assert stats.significant(1e-12, 1.0) is True and stats.significant(-1.0, -1e-12) is True
+    # An interval touching 0 does not exclude it, on either side.
+    assert stats.significant(0.0, 3.0) is False and stats.significant(-3.0, 0.0) is False
+    assert stats.significant(-1.0, 2.0) is False and stats.significant(None, 1.0) is None
+    # The same result on every seed: differences 0, sd 0, the interval [0, 0]: within noise.
+    iv = stats.t_interval([0.0, 0.0, 0.0])
+    assert (iv.low, iv.high) == (0.0, 0.0) and stats.significant(iv.low, iv.high) is False
+    same = [fake_run(m, seed, {("energy", "shapes_ood", "clean"): (0.125, 0.75)}, 80.0)
+            for m in ("vos", "vanilla") for seed in range(3)]
+    row = stats.compare(same, "vos", "vanilla", {"vos": "energy", "vanilla": "energy"}, "shapes_ood", "clean", "fpr95")
+    assert (row["n_seeds"], row["ci95_low"], row["ci95_high"], row["significant"]) == (3, 0.0, 0.0, False)
+
+
 def test_target_is_met_only_when_the_whole_interval_is_on_its_side():
     at_least = stats.Target(">=", 30.0, ">= 30% relative")
     assert at_least.met(31.0, 57.0) is True
@@ -268,6 +283,105 @@ def test_markdown_says_within_noise_significant_met_and_missed():
     assert "### All scores, published protocol" in text and "| msp" in text
 
 
+# ---------------------------------------------------------------- open-set metrics of the runs
+def openset_runs():
+    """hand_runs() with open-set metrics in the clean row of vanilla's and energy_cfl's configured
+    score (vos's runs lack them, as runs of an older version do). Near set, seed s, by hand:
+
+    - U-Recall: vanilla 0.10 + 0.02 s (10..18 %: mean 14, sd sqrt(10)); energy_cfl that + 0.30 -/+ 0.01
+      (differences 29, 31, 29, 31, 29 points: mean 29.8, sd sqrt(1.2));
+    - AOSE (a count): vanilla 100 + 10 s, energy_cfl 60 + 10 s: -40 objects every seed;
+    - mislabelled share 0.30 for both, missed = the rest;
+    - WI: vanilla 0.05; energy_cfl none at seed 0 (recall 0.8 never reached), else 0.02: 4 pairs, -3 points;
+    - AP-unknown: vanilla 0.01, energy_cfl 0.20.
+    The far set: the same with U-Recall halved (missed takes the rest).
+    """
+    records = hand_runs()
+    for r in records:
+        if r["method"] not in ("vanilla", "energy_cfl"):
+            continue
+        s, cfl = r["seed"], r["method"] == "energy_cfl"
+        ur = 0.10 + 0.02 * s + ((0.30 + (0.01 if s % 2 else -0.01)) if cfl else 0.0)
+        for ood_set, share in (("shapes_ood", ur), ("shapes_ood_far", ur / 2)):
+            row = next(x for x in r["rows"] if (x["score"], x["ood_set"], x["protocol"])
+                       == (CONFIGURED[r["method"]], ood_set, "clean"))
+            row.update(unknown_recall=share, mislabelled_unknown=0.30, missed_unknown=1 - share - 0.30,
+                       aose=(60 if cfl else 100) + 10 * s, wi=(None if s == 0 else 0.02) if cfl else 0.05,
+                       ap_unknown=0.20 if cfl else 0.01)
+    return records
+
+
+def _row(rows, method, ood_set, protocol, score):
+    return next(r for r in rows if (r["method"], r["ood_set"], r["protocol"], r["score"])
+                == (method, ood_set, protocol, score))
+
+
+def test_open_set_metrics_aggregate_in_their_units():
+    rows = stats.aggregate(openset_runs(), CONFIGURED)
+    van = _row(rows, "vanilla", "shapes_ood", "clean", "energy")
+    assert van["unknown_recall_mean"] == pytest.approx(14.0)
+    assert van["unknown_recall_std"] == pytest.approx(math.sqrt(10))
+    assert van["aose_mean"] == pytest.approx(120.0)  # a count: not times 100
+    assert van["aose_std"] == pytest.approx(statistics.stdev([100, 110, 120, 130, 140]))
+    assert van["mislabelled_unknown_mean"] == pytest.approx(30.0) and van["missed_unknown_mean"] == pytest.approx(56.0)
+    assert van["wi_mean"] == pytest.approx(5.0) and van["ap_unknown_mean"] == pytest.approx(1.0)
+    cfl = _row(rows, "energy_cfl", "shapes_ood", "clean", "combined")
+    assert cfl["wi_mean"] == pytest.approx(2.0) and cfl["wi_n"] == 4 and cfl["aose_n"] == 5  # no WI at seed 0
+    assert cfl["aose_mean"] == pytest.approx(80.0)
+    for key in (("vanilla", "published", "energy"), ("vanilla", "clean", "msp"), ("vos", "clean", "energy")):
+        other = _row(rows, key[0], "shapes_ood", key[1], key[2])
+        assert all(other[f"{k}_mean"] is None for k in stats.OPENSET_METRICS)
+
+
+def test_open_set_comparisons_are_paired_on_the_clean_protocol_where_both_methods_have_them():
+    comps = stats.comparisons(openset_runs(), CONFIGURED)
+    opened = [c for c in comps if c["metric"] in stats.OPENSET_METRICS]
+    assert {(c["method"], c["baseline"], c["protocol"]) for c in opened} == {("energy_cfl", "vanilla", "clean")}
+    assert {(c["ood_set"], c["metric"]) for c in opened} == {(s, m) for s in ("shapes_ood", "shapes_ood_far")
+                                                           for m in stats.OPENSET_METRICS}
+    # Every other comparison is still there, once.
+    assert len(comps) - len(opened) == len(stats.comparisons(hand_runs(), CONFIGURED))
+    ur = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", "unknown_recall")
+    cfl_ur = [100 * (0.40 + 0.02 * s + (0.01 if s % 2 else -0.01)) for s in range(5)]
+    ref = scipy_stats.ttest_rel(cfl_ur, [100 * (0.10 + 0.02 * s) for s in range(5)]).confidence_interval(0.95)
+    assert ur["diff_mean"] == pytest.approx(29.8) and ur["diff_sd"] == pytest.approx(math.sqrt(1.2))
+    assert (ur["ci95_low"], ur["ci95_high"]) == pytest.approx((ref.low, ref.high)) and ur["significant"] is True
+    aose = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", "aose")
+    assert (aose["diff_mean"], aose["ci95_low"], aose["ci95_high"]) == pytest.approx((-40.0, -40.0, -40.0))
+    wi = _comparison(comps, "energy_cfl", "vanilla", "shapes_ood", "clean", "wi")
+    assert wi["n_seeds"] == 4 and wi["seeds"] == [1, 2, 3, 4] and wi["diff_mean"] == pytest.approx(-3.0)
+    assert ur["target"] is None and ur["met"] is None
+
+
+def _result_with(records):
+    plan = {"seeds": [0, 1, 2, 3, 4], "schedule": {}, "schedule_scale": 1.0, "config_scores": CONFIGURED}
+    return report.add_quality(report.new_result(torch.device("cpu")), plan, records)
+
+
+def test_markdown_table_and_stacked_bar_of_the_unknown_objects(tmp_path):
+    text = report.write_results(_result_with(openset_runs()), tmp_path, STEM)
+    section = text.split("### Unknown objects")[1].split("###")[0]
+    lines = [x for x in section.splitlines() if x.startswith("| ")]
+    assert "U-Recall (%)" in lines[0] and "AOSE (objects)" in lines[0] and "WI@0.8 (%)" in lines[0]
+    assert len(lines) == 2 + 4  # header, rule, vanilla and energy_cfl on two sets; no vos, no msp
+    cells = {(c[0], c[2]): c for c in ([v.strip() for v in x.split("|")[1:-1]] for x in lines[2:])}
+    assert cells[("vanilla", "shapes_ood (near)")][3:] == [f"14.00 ± {math.sqrt(10):.2f}", "30.00 ± 0.00",
+                                                         f"56.00 ± {math.sqrt(10):.2f}", "120.0 ± 15.8",
+                                                         "5.00 ± 0.00", "1.00 ± 0.00", "5"]
+    assert cells[("energy_cfl", "shapes_ood (near)")][6:8] == ["80.0 ± 15.8", "2.00 ± 0.00 (n=4)"]  # no WI at seed 0
+    clean = text.split("### Paired differences, clean protocol")[1].split("###")[0]
+    assert "U-Recall (pts)" in clean and "AOSE (objects)" in clean and "-40.00 [-40.00, -40.00]" in clean
+    assert "U-Recall (pts)" not in text.split("### Paired differences, published protocol")[1]
+    png = tmp_path / f"{STEM}_unknowns.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / f"{STEM}.json").read_text())["files"]["unknowns_chart"] == png.name
+    # Runs without open-set metrics: no section, no picture.
+    plain = tmp_path / "plain"
+    text = report.write_results(_result_with(hand_runs()), plain, STEM)
+    assert "### Unknown objects" not in text and not (plain / f"{STEM}_unknowns.png").exists()
+    assert json.loads((plain / f"{STEM}.json").read_text())["files"]["unknowns_chart"] is None
+
+
 # ---------------------------------------------------------------- plan and schedule
 def test_validation_evaluates_on_the_tuning_splits_only():
     plan = runs.plan_quality(seeds=[0], validation=True)
@@ -378,7 +492,8 @@ def test_json_has_every_documented_key(bench):
     assert set(res["machine"]) >= MACHINE_KEYS and res["machine"]["device"] == "cpu"
     assert res["commit"] is None or len(res["commit"]) == 40
     assert res["worktree_dirty"] in (True, False, None)
-    assert res["files"] == {"json": f"{STEM}.json", "markdown": f"{STEM}.md", "chart": f"{STEM}.png"}
+    assert res["files"] == {"json": f"{STEM}.json", "markdown": f"{STEM}.md", "chart": f"{STEM}.png",
+                            "unknowns_chart": f"{STEM}_unknowns.png"}
     assert (out / "progress.json").is_file() and not (out / f"{STEM}.json").exists()
     assert res["configured_score"] == CONFIGURED
     assert set(res["cost"]) == COST_KEYS
@@ -425,8 +540,31 @@ def test_rows_match_the_runs_and_one_seed_has_no_interval(bench):
             assert row["fpr95_mean"] == pytest.approx(100 * src["fpr95"])
             assert row["auroc_mean"] == pytest.approx(100 * src["auroc"])
         assert row["ap_mean"] == pytest.approx(run["map"]["AP"])
+        if src.get("unknown_recall") is not None:
+            assert row["unknown_recall_mean"] == pytest.approx(100 * src["unknown_recall"])
+            assert row["aose_mean"] == pytest.approx(src["aose"])
+    # The open-set metrics: in the clean row of each method's configured score, on both OOD sets.
+    opened = [r for r in res["rows"] if r["unknown_recall_mean"] is not None]
+    assert sorted((r["method"], r["ood_set"]) for r in opened) == sorted((m, s) for m in runs.METHODS for s in sets)
+    assert all(r["protocol"] == "clean" and r["configured"] for r in opened)
     assert res["comparisons"] and all(set(c) >= COMPARISON_KEYS for c in res["comparisons"])
     assert all(c["ci95_low"] is None and c["met"] is None for c in res["comparisons"])
+
+
+def test_each_run_names_its_record_and_the_record_gives_back_its_rows(bench):
+    """The committed trace of a number: every run's record, copied beside the JSON, recomputes that
+    run's rows (and so the benchmark's means) without the model or the datasets."""
+    from ood_det.evaluation.record import load_record, recompute_rows
+
+    _, res_dir, res, _ = bench
+    for run in res["runs"]:
+        assert run["record"] == f"{STEM}_records/{run['method']}_seed{run['seed']}.npz"
+        meta, arrays = load_record(res_dir / run["record"])
+        recomputed = recompute_rows(meta, arrays)
+        assert len(recomputed) == len(run["rows"])
+        for mine, theirs in zip(recomputed, run["rows"]):
+            assert mine == {k: pytest.approx(v, abs=1e-12) if isinstance(v, float) else v
+                            for k, v in theirs.items()}
 
 
 def test_markdown_chart_and_printed_tables(bench):
@@ -439,6 +577,8 @@ def test_markdown_chart_and_printed_tables(bench):
         assert heading in md
     assert "n = 1: no interval" in md
     assert (res_dir / f"{STEM}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res_dir / f"{STEM}_unknowns.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### Unknown objects" in md
     assert "## Quality" in stdout and "## Cost" in stdout
 
 

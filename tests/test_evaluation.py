@@ -1,5 +1,6 @@
 """Calibration (validation only, stored in the scorer), the confidence threshold of both
 protocols, and evaluation that skips unreadable images."""
+import json
 import math
 
 import numpy as np
@@ -7,16 +8,16 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.structures import BoxMode
+from fakes import FixedAP, FixedDetector
 from PIL import Image
-from torch import nn
 
 from ood_det.checkpoint import OODCheckpointer
 from ood_det.config import load_config
 from ood_det.errors import ConfigError
 from ood_det.evaluation.boxes import f1_optimal_threshold
 from ood_det.evaluation.calibration import calibrate, check_calibration_split, find_scorer
-from ood_det.modeling.scorer import OODScorer
+from ood_det.evaluation.ood_evaluation import evaluate_ood
 
 
 def test_calibration_survives_save_and_load(tmp_path):
@@ -115,31 +116,6 @@ def test_f1_threshold_without_detections_is_zero():
 
 
 # ---------------------------------------------------------------- calibrate() end to end
-class _FixedDetector(nn.Module):
-    """Returns fixed boxes per image id, scored by a real OODScorer (vanilla: energy, msp)."""
-
-    def __init__(self, per_image):
-        super().__init__()
-        self.per_image = per_image
-        predictor = nn.Module()
-        predictor.scorer, predictor.num_classes = OODScorer(has_representation=False), 1
-        self.roi_heads = nn.Module()
-        self.roi_heads.box_predictor = predictor
-
-    def forward(self, inputs):
-        outs = []
-        for x in inputs:
-            rows = self.per_image.get(x["image_id"], [])
-            inst = Instances((x["height"], x["width"]))
-            inst.pred_boxes = Boxes(torch.tensor([r[1:5] for r in rows], dtype=torch.float32).reshape(-1, 4))
-            inst.scores = torch.tensor([r[0] for r in rows], dtype=torch.float32)
-            inst.pred_classes = torch.zeros(len(rows), dtype=torch.long)
-            inst.energy = torch.tensor([r[5] for r in rows], dtype=torch.float32)
-            inst.msp = torch.full((len(rows),), 0.5)
-            outs.append({"instances": inst})
-        return outs
-
-
 @pytest.fixture
 def tiny_val(tmp_path):
     """A 3-image validation split on disk (one ground-truth box each); the third image is unreadable."""
@@ -166,7 +142,7 @@ def test_calibration_threshold_tie_and_too_few_boxes(tiny_val, caplog):
     # Ranked: 0.9 TP, 0.8 FP, 0.6 FP, 0.4 TP over 2 ground-truth boxes: precision 1 up to recall
     # 0.5 (F1 2/3), 0.5 at recall 1 (F1 2/3): a tie, the first recall point wins -> 0.9, which
     # keeps a single box: too few to standardize on.
-    model = _FixedDetector({
+    model = FixedDetector({
         "img0": [(0.9, 10, 10, 30, 30, -5.0), (0.6, 40, 40, 60, 60, -1.0)],
         "img1": [(0.4, 10, 10, 30, 30, -4.0), (0.8, 40, 40, 50, 50, -2.0)],
     })
@@ -180,7 +156,7 @@ def test_calibrate_statistics_by_hand(tiny_val):
     # Both images: a hit at 0.9 and 0.7 and nothing else: precision 1 at every recall, F1 best at
     # recall 1 with confidence 0.7. Kept: both boxes, -energy 5 and 3: mean 4, std sqrt(2);
     # 95% of 2 boxes is 2 boxes: the threshold is the lower id score, (3 - 4) / sqrt(2).
-    model = _FixedDetector({"img0": [(0.9, 10, 10, 30, 30, -5.0)], "img1": [(0.7, 10, 10, 30, 30, -3.0)]})
+    model = FixedDetector({"img0": [(0.9, 10, 10, 30, 30, -5.0)], "img1": [(0.7, 10, 10, 30, 30, -3.0)]})
     cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0"])
     summary = calibrate(cfg, model, [tiny_val])
     assert summary["conf_threshold"] == pytest.approx(0.7)
@@ -225,3 +201,114 @@ def test_batched_evaluation_gives_the_boxes_of_one_image_at_a_time(tiny_val):
             assert (arrays[1][key] == arrays[3][key]).all()
         else:
             np.testing.assert_allclose(arrays[3][key], arrays[1][key], rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_calibration_fits_only_the_boxes_kept_by_the_confidence_threshold(tiny_val):
+    # The hits of test_calibrate_statistics_by_hand (confidence threshold 0.7) plus a low-confidence
+    # miss per image with an extreme energy. Ranked after both hits, the misses leave the F1-optimal
+    # threshold at 0.7; fitted on every box, -energy would be (5, 3, -50, 80): mean 9.5, not 4.
+    model = FixedDetector({
+        "img0": [(0.9, 10, 10, 30, 30, -5.0), (0.2, 40, 40, 60, 60, 50.0)],
+        "img1": [(0.7, 10, 10, 30, 30, -3.0), (0.1, 40, 40, 60, 60, -80.0)],
+    })
+    cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0"])
+    summary = calibrate(cfg, model, [tiny_val])
+    assert summary["conf_threshold"] == pytest.approx(0.7) and summary["num_boxes"] == 2
+    assert summary["neg_energy_mean"] == pytest.approx(4.0)
+    assert summary["neg_energy_std"] == pytest.approx(math.sqrt(2.0))
+    assert summary["id_threshold"] == pytest.approx(-1.0 / math.sqrt(2.0))
+
+
+@pytest.mark.parametrize("names, refused", [
+    (["shapes_test"], "shapes_test"),
+    (["shapes_ood"], "shapes_ood"),
+    (["shapes_val", "shapes_test"], "shapes_test"),
+])
+def test_calibrate_refuses_test_splits_passed_by_name(names, refused):
+    """The splits given to calibrate() are checked, not only DATASETS.OOD_CALIBRATION (here a valid one)."""
+    cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0"])
+    for name in cfg.DATASETS.OOD_CALIBRATION:
+        check_calibration_split(cfg, name)
+    with pytest.raises(ConfigError, match=rf"calibrate\(dataset_names=\.\.\.\): refusing to calibrate on '{refused}'"):
+        calibrate(cfg, FixedDetector({}), names)
+
+
+def test_calibrate_refuses_a_split_listed_in_datasets_test(tiny_val):
+    """A split whose name does not say "test" is still refused when the config evaluates on it."""
+    cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", f"('{tiny_val}',)"])
+    with pytest.raises(ConfigError, match=f"refusing to calibrate on '{tiny_val}'.*DATASETS.TEST"):
+        calibrate(cfg, FixedDetector({"img0": [(0.9, 10, 10, 30, 30, -5.0)]}), [tiny_val])
+
+
+def _register_split(name, folder, image_ids):
+    """A readable validation split on disk: one 64x64 image and one ground-truth box per id."""
+    dicts = []
+    for image_id in image_ids:
+        path = folder / f"{name}_{image_id}.png"
+        Image.new("RGB", (64, 64), (40, 90, 20)).save(path)
+        dicts.append({"file_name": str(path), "image_id": image_id, "height": 64, "width": 64,
+                      "annotations": [{"bbox": [10, 10, 30, 30], "bbox_mode": BoxMode.XYXY_ABS,
+                                       "category_id": 0, "iscrowd": 0}]})
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["thing"])
+
+
+@pytest.fixture
+def two_val_splits(tmp_path):
+    names = {"calibration_fixture_val_a": ["a0", "a1"], "calibration_fixture_val_b": ["b0", "b1"]}
+    for name, ids in names.items():
+        _register_split(name, tmp_path, ids)
+    yield list(names)
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_calibration_of_several_splits_averages_their_thresholds_and_pools_the_kept_boxes(two_val_splits):
+    # Every box is a hit, so each split's F1-optimal threshold is its lowest hit's confidence:
+    # split a 0.75, split b 0.25; their mean, 0.5, is the rule (max: 0.75; min, or F1 on the
+    # pooled boxes: 0.25). Kept at >= 0.5: -energy 6, 2 (a) and 7 (b), pooled: mean 5, std
+    # sqrt(7) (the mean of the per-split means would be 5.5); b's 0.25 box (-energy -40) is not
+    # kept. 95% of 3 boxes is 3: the id threshold is the lowest, (2 - 5) / sqrt(7).
+    model = FixedDetector({
+        "a0": [(0.875, 10, 10, 30, 30, -6.0)], "a1": [(0.75, 10, 10, 30, 30, -2.0)],
+        "b0": [(0.5, 10, 10, 30, 30, -7.0)], "b1": [(0.25, 10, 10, 30, 30, 40.0)],
+    })
+    cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0"])
+    summary = calibrate(cfg, model, two_val_splits)
+    assert summary["datasets"] == two_val_splits
+    assert summary["conf_threshold"] == pytest.approx(0.5) and summary["num_boxes"] == 3
+    assert summary["neg_energy_mean"] == pytest.approx(5.0)
+    assert summary["neg_energy_std"] == pytest.approx(math.sqrt(7.0))
+    assert summary["id_threshold"] == pytest.approx(-3.0 / math.sqrt(7.0))
+
+
+def test_both_protocols_keep_boxes_exactly_at_their_confidence_threshold(tmp_path):
+    # ID test set: two hits, at 0.9 (id score 5) and 0.5 (id score -3): the published threshold,
+    # F1-optimal on this set, is 0.5; the clean one is calibrated to 0.5 too. OOD boxes: id scores
+    # 0 and 1. Keeping the 0.5 box, half of the ID-OOD pairs are ranked right (AUROC 0.5) and
+    # keeping 95% of the ID boxes lets both OOD boxes through (FPR95 1); dropping it, 1 and 0.
+    id_name, ood_name = "protocol_fixture_id", "protocol_fixture_ood"
+    _register_split(id_name, tmp_path, ["i0", "i1"])
+    _register_split(ood_name, tmp_path, ["o0", "o1"])
+    MetadataCatalog.get(ood_name).set(is_ood=True)
+    model = FixedDetector({
+        "i0": [(0.9, 10, 10, 30, 30, -5.0)], "i1": [(0.5, 10, 10, 30, 30, 3.0)],
+        "o0": [(0.9, 10, 10, 30, 30, 0.0)], "o1": [(0.8, 10, 10, 30, 30, -1.0)],
+    })
+    scorer = find_scorer(model)
+    scorer.calibrated.fill_(True)
+    scorer.conf_threshold.fill_(0.5)
+    cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", f"('{id_name}',)",
+                                         "DATASETS.OOD_TEST", f"('{ood_name}',)", "OUTPUT_DIR", str(tmp_path / "out")])
+    try:
+        results = evaluate_ood(cfg, model, lambda cfg, name: FixedAP())
+    finally:
+        for name in (id_name, ood_name):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    thresholds = json.loads((tmp_path / "out" / "ood_results.json").read_text())["conf_thresholds"]
+    assert thresholds == {"clean": 0.5, "published": 0.5}
+    for protocol in ("clean", "published"):
+        energy = results["ood"][ood_name][protocol]["energy"]
+        assert (energy["auroc"], energy["fpr95"]) == (pytest.approx(0.5), pytest.approx(1.0)), protocol

@@ -300,6 +300,20 @@ def test_cli_min_confidence_and_alias(score_files, tmp_path):
                    **ood_metrics(ida["rep_score"][keep_i], ooda["rep_score"][keep_o])}
 
 
+def test_cli_min_confidence_keeps_boxes_exactly_at_it(tmp_path):
+    # Kept at >= 0.5: ID id scores 5 and -3, OOD 0 and 1: AUROC 0.5, FPR95 1. Without the two
+    # boxes at exactly 0.5 it would be 1 and 0.
+    files = {"id": ([0.9, 0.5, 0.2], [5.0, -3.0, -10.0]), "ood": ([0.9, 0.5], [0.0, 1.0])}
+    for name, (conf, id_score) in files.items():
+        np.savez(tmp_path / f"{name}.npz", scores=np.array(conf), id_score=np.array(id_score))
+    out = tmp_path / "m.json"
+    assert tool.main(["--id", str(tmp_path / "id.npz"), "--ood", str(tmp_path / "ood.npz"),
+                      "--min-confidence", "0.5", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["auroc"], row["fpr95"]) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert row == {"ood": str(tmp_path / "ood.npz"), "score": "id_score", **ood_metrics([5.0, -3.0], [0.0, 1.0])}
+
+
 def test_cli_rep_weight_recomputes_the_combined_score(score_files, tmp_path, capsys):
     (id_path, ida), (ood_path, ooda) = score_files["id"], score_files["ood"]
     out = tmp_path / "w.json"

@@ -203,7 +203,8 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
     for path in inputs:
         with Image.open(out / path.name) as picture:
             assert picture.format == ("JPEG" if path.suffix == ".jpg" else "PNG")
-            assert picture.size == Image.open(path).size
+            width, height = Image.open(path).size
+            assert (width, height) == (128, 128) and picture.size == (512, 512)  # --display-size 512
             picture.verify()
 
     rows = _read_jsonl(out / "predictions.jsonl")
@@ -217,6 +218,8 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
         assert [r["is_ood"] for r in mine] == expected.is_ood.tolist()
         assert np.allclose([r["ood_score"] for r in mine], expected.ood_score.tolist(), atol=1e-5)
         assert np.allclose([r["msp"] for r in mine], expected.msp.tolist(), atol=1e-5)
+        # The picture is enlarged, the boxes are not: they stay in the input's pixels.
+        assert np.allclose([r["pred_boxes"] for r in mine], expected.pred_boxes.tensor.tolist(), atol=0.01)
     for row in rows:
         assert set(row) == KEYS
         assert row["class_name"] == predictor.class_names[row["pred_classes"]]
@@ -251,9 +254,11 @@ def test_threshold_option_overrides_and_uncalibrated_warns(checkpoints, images, 
     confidences = sorted(r["scores"] for r in rows)
     least = (confidences[len(rows) // 2 - 1] + confidences[len(rows) // 2]) / 2
     assert tool.main(["--config-file", CONFIG, "--input", *files, "--output", str(tmp_path / "c"),
-                      "--min-confidence", str(least), "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
+                      "--min-confidence", str(least), "--display-size", "0", "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
     kept = _read_jsonl(tmp_path / "c" / "predictions.jsonl")
     assert len(kept) == sum(r["scores"] >= least for r in rows) < len(rows)
+    assert Image.open(tmp_path / "c" / "ood_000000.png").size == (128, 128)  # --display-size 0: the input's size
+    assert Image.open(tmp_path / "b" / "ood_000000.png").size == (512, 512)
 
 
 # ------------------------------------------------------------------ tool: bad input
@@ -308,7 +313,7 @@ def test_bad_inputs_are_reported_one_line_each_and_the_rest_is_processed(checkpo
     written = sorted(p.name for p in out.iterdir())
     assert written == ["good.png", "gray.png", "predictions.jsonl", "rgba.png"]  # nothing partial or temporary
     for name in ("good.png", "gray.png", "rgba.png"):
-        assert Image.open(out / name).size == (128, 128)
+        assert Image.open(out / name).size == (512, 512)  # 128 px inputs, enlarged as any other
     rows = _read_jsonl(out / "predictions.jsonl")
     assert {os.path.basename(r["image"]) for r in rows} == {"good.png", "gray.png", "rgba.png"}
     assert f"3 images, {len(rows)} boxes (confidence" in captured.out

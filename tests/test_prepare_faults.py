@@ -1,11 +1,13 @@
 """Faults of real downloads met by the preparation scripts (datasets/prepare_*.py).
 
-Missing image files, EXIF-rotated JPEGs, OpenImages images without annotation
-rows, VOC 'difficult' objects. The fixtures are those of test_real_datasets.py,
-in the datasets' original formats; each test spoils one thing in them.
+Missing image files, EXIF-rotated JPEGs (sizes read from headers or given by a
+json), OpenImages images without annotation rows, VOC 'difficult' objects. The
+fixtures are those of test_real_datasets.py, in the datasets' original formats;
+each test spoils one thing in them.
 """
 import json
 
+import numpy as np
 import pytest
 import test_real_datasets as real
 from detectron2.data import DatasetCatalog
@@ -25,13 +27,23 @@ COCO_OUT = ("coco_ood_val", "coco_ood_val_bdd")
 OI_OUT = ("openimages_ood_val",)
 
 
-def exif_jpeg(path, size, orientation):
-    """A JPEG stored at ``size`` whose EXIF orientation tag is ``orientation``."""
+def exif_jpeg(path, size, orientation, box=None):
+    """A JPEG stored at ``size`` whose EXIF orientation tag is ``orientation``; ``box`` (x0, y0, x1, y1 of
+    the stored pixels) painted white."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.new("RGB", size, (200, 120, 40))
+    im = Image.new("RGB", size, (0, 0, 0) if box else (200, 120, 40))
+    if box:
+        im.paste((255, 255, 255), box)
     exif = Image.Exif()
     exif[pc.EXIF_ORIENTATION] = orientation
-    im.save(path, quality=90, exif=exif.tobytes())
+    im.save(path, quality=95, exif=exif.tobytes())
+
+
+def sizes_match_detectron2(root, prefix, name):
+    """What detectron2's mapper checks on every image of the prepared ``name`` (raises on a mismatch)."""
+    register_real_datasets(root, prefix=prefix)
+    for d in DatasetCatalog.get(prefix + name):
+        check_image_size(d, read_image(d["file_name"], format="BGR"))
 
 
 def error_line(capsys):
@@ -64,17 +76,19 @@ def spoil(request, name):
         gone = "bdd100k/images/100k/val/c0002.jpg"
     elif name == "coco_ood":
         root, argv, outputs, gone = request.getfixturevalue("coco_root"), [], COCO_OUT, "coco/val2017/000000000005.jpg"
-    else:
-        root, _ = request.getfixturevalue("oi_root")
+    else:  # OpenImages, from the literature's json alone or with the annotation CSVs
+        root, src = request.getfixturevalue("oi_root")
         openimages_literature(root, ["000a1", "000b2"])
-        argv, outputs, gone = [], OI_OUT, "OpenImages/ood_classes_rm_overlap/images/000b2.jpg"
+        argv = oi_csv_args(root, src)[2:] if name == "openimages_csv" else []
+        outputs, gone = OI_OUT, "OpenImages/ood_classes_rm_overlap/images/000b2.jpg"
     (root / gone).unlink()
     return root, ["--root", root, *argv], outputs, gone
 
 
-@pytest.mark.parametrize("name", ["voc", "bdd", "coco_ood", "openimages_ood"])
-def test_missing_image_refused_then_allowed(request, capsys, name):
-    root, argv, outputs, gone = spoil(request, name)
+@pytest.mark.parametrize("case", ["voc", "bdd", "coco_ood", "openimages_ood", "openimages_csv"])
+def test_missing_image_refused_then_allowed(request, capsys, case):
+    root, argv, outputs, gone = spoil(request, case)
+    name = "openimages_ood" if case == "openimages_csv" else case
     code, report = run(name, *argv)
     assert code == 2, report
     err = error_line(capsys)
@@ -84,8 +98,24 @@ def test_missing_image_refused_then_allowed(request, capsys, name):
     code, report = run(name, *argv, "--allow-missing")
     assert code == 0, report
     assert "warning: 1 of " in report and gone in report
+    # what the trainer and the evaluator do with it (ood_det.data.bad_data, ood_det.evaluation.loader)
+    assert "training skips them with a warning each (DATALOADER.BAD_DATA skip" in report
+    assert "or stops at the first (DATALOADER.BAD_DATA fail); evaluation and calibration skip them" in report
     files = [im["file_name"] for n in outputs for im in load(prepared_json(root, n))["images"]]
     assert any(gone.endswith(f) for f in files)  # written as it would be with the file present
+
+
+def test_openimages_csv_missing_image_sized_by_the_literature(oi_root):
+    root, src = oi_root
+    openimages_literature(root, ["000a1", "000b2"])  # 64x48, as the images
+    (root / "OpenImages" / "ood_classes_rm_overlap" / "images" / "000b2.jpg").unlink()
+    code, report = run("openimages_ood", *oi_csv_args(root, src, "--allow-missing"))
+    assert code == 0, report
+    coco = load(prepared_json(root, "openimages_ood_val"))
+    im = next(im for im in coco["images"] if im["id"] == "000b2")
+    assert (im["width"], im["height"]) == (64, 48)
+    elephant = next(a for a in coco["annotations"] if a["image_id"] == "000b2")
+    assert elephant["bbox"] == [16.0, 24.0, 32.0, 24.0]  # its CSV box, scaled by the literature's size
 
 
 def test_refusal_keeps_previous_outputs(voc_root, capsys):
@@ -116,13 +146,30 @@ def test_missing_image_folder_is_named(coco_root, capsys):
     assert "5 of 5 image files missing" in err and "(folder coco/val2017 does not exist)" in err
 
 
-def test_missing_image_without_size_is_refused_even_if_allowed(bdd_root, capsys):
-    (bdd_root / "bdd100k" / "images" / "100k" / "train" / "b1c81faa-3df17267.jpg").unlink()
-    assert run("bdd", "--root", bdd_root, "--allow-missing")[0] == 2  # sizes from the headers: one is absent
-    err = error_line(capsys)
-    assert "b1c81faa-3df17267.jpg" in err and "--image-size" in err
-    assert not prepared_json(bdd_root, "bdd100k_train").exists()
+def test_missing_image_without_size_is_left_out_if_allowed(bdd_root):
+    gone = "b1c81faa-3df17267.jpg"
+    (bdd_root / "bdd100k" / "images" / "100k" / "train" / gone).unlink()
+    code, report = run("bdd", "--root", bdd_root, "--allow-missing")  # sizes from the headers: one is absent
+    assert code == 0, report
+    assert f"warning: 1 of them left out of the json files, as their size is only in their own file " \
+           f"(bdd100k/images/100k/train/{gone}); download them or pass --image-size 1280x720 to keep them" in report
+    train = [im for n in ("bdd100k_train", "bdd100k_calib") for im in load(prepared_json(bdd_root, n))["images"]]
+    assert sorted(im["file_name"] for im in train) == ["b1c66a42-6f7d68ca.jpg", "b1ca2e5d-84cf9134.jpg"]
+    assert "= 2 train images" in report
     assert run("bdd", "--root", bdd_root, "--allow-missing", "--image-size", "64x36")[0] == 0
+    train = [im for n in ("bdd100k_train", "bdd100k_calib") for im in load(prepared_json(bdd_root, n))["images"]]
+    assert gone in [im["file_name"] for im in train]  # with the size given, kept
+
+
+def test_openimages_csv_missing_image_without_size_is_left_out_if_allowed(oi_root):
+    root, src = oi_root  # no literature json: the CSV boxes need the size of the missing file
+    (root / "OpenImages" / "ood_classes_rm_overlap" / "images" / "000b2.jpg").unlink()
+    code, report = run("openimages_ood", *oi_csv_args(root, src, "--image-ids", src / "ids.txt", "--allow-missing"))
+    assert code == 0, report
+    assert "1 of them left out of the json files" in report and "000b2.jpg" in report
+    coco = load(prepared_json(root, "openimages_ood_val"))
+    assert [im["id"] for im in coco["images"]] == ["000a1", "000c3"]
+    assert {a["image_id"] for a in coco["annotations"]} == {"000a1", "000c3"}
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -198,6 +245,56 @@ def test_voc_xml_size_disagreeing_with_exif_is_refused(voc_root, capsys):
     assert code == 0, report
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_oriented_box_is_where_detectron2_shows_the_pixels(tmp_path, orientation):
+    path = tmp_path / "o.jpg"
+    exif_jpeg(path, (40, 24), orientation, box=(8, 4, 24, 12))  # a 16x8 box of the stored pixels
+    white = read_image(str(path), format="RGB")[..., 0] > 128
+    ys, xs = np.nonzero(white)
+    shown = [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+    assert pc.oriented_box([8, 4, 16, 8], (40, 24), orientation) == [float(v) for v in shown]
+
+
+def test_openimages_literature_sizes_follow_exif(oi_root):
+    root, _ = oi_root
+    openimages_literature(root, ["000a1", "000b2"])  # 64x48, the stored size of both
+    exif_jpeg(root / "OpenImages" / "ood_classes_rm_overlap" / "images" / "000b2.jpg", (64, 48), 6)
+    code, report = run("openimages_ood", "--root", root)
+    assert code == 0, report
+    images = {im["id"]: im for im in load(prepared_json(root, "openimages_ood_val"))["images"]}
+    assert [(images[i]["width"], images[i]["height"]) for i in ("000a1", "000b2")] == [(64, 48), (48, 64)]
+    assert "(validated, then changed as said below)" in report
+    assert "000b2.jpg is 48x64 after EXIF orientation 6 (was 64x48)" in report
+    sizes_match_detectron2(root, "t_exif_oi_", "openimages_ood_val")  # no image lost to a size mismatch
+
+
+def test_coco_ood_json_sizes_and_boxes_follow_exif(coco_root):
+    # image 2: an elephant at [1, 2, 3, 4] of the stored 32x24 pixels, turned a quarter by its EXIF orientation
+    exif_jpeg(coco_root / "coco" / "val2017" / "000000000002.jpg", (32, 24), 8, box=(1, 2, 4, 6))
+    code, report = run("coco_ood", "--root", coco_root)
+    assert code == 0, report
+    for name in ("coco_ood_val", "coco_ood_val_bdd"):  # both OOD sets hold image 2
+        coco = load(prepared_json(coco_root, name))
+        im2 = next(im for im in coco["images"] if im["id"] == 2)
+        assert (im2["width"], im2["height"]) == (24, 32)
+        (elephant,) = [a for a in coco["annotations"] if a["image_id"] == 2]
+        assert elephant["bbox"] == [2, 28, 4, 3] and "segmentation" not in elephant
+    assert report.count("000000000002.jpg is 24x32 after EXIF orientation 8 (was 32x24)") == 2
+    sizes_match_detectron2(coco_root, "t_exif_coco_", "coco_ood_val")
+    (d,) = [d for d in DatasetCatalog.get("t_exif_coco_coco_ood_val") if d["image_id"] == 2]
+    x, y, w, h = (int(v) for v in d["ood_annotations"][0]["bbox"])
+    pixels = read_image(d["file_name"], format="RGB")[..., 0]
+    assert (pixels[y:y + h, x:x + w] > 128).all() and (pixels > 128).sum() == w * h  # the box is on the object
+
+
+def test_json_size_of_another_image_is_refused(coco_root, capsys):
+    jpeg(coco_root / "coco" / "val2017" / "000000000003.jpg", (40, 30))  # the json says 32x24
+    assert run("coco_ood", "--root", coco_root)[0] == 2
+    err = error_line(capsys)
+    assert "000000000003.jpg is 40x30, instances_val2017.json says 32x24" in err and "download them again" in err
+    assert not prepared_json(coco_root, "coco_ood_val").exists()
+
+
 # ---------------------------------------------------------------- OpenImages images without annotation rows
 @pytest.mark.parametrize("listed", [True, False])
 def test_openimages_unannotated_refused_then_allowed(oi_root, capsys, listed):
@@ -217,7 +314,9 @@ def test_openimages_unannotated_refused_then_allowed(oi_root, capsys, listed):
     assert "000d4" in [im["id"] for im in coco["images"]]
     assert not [a for a in coco["annotations"] if a["image_id"] == "000d4"]
     assert "warning: 1 of 4 images have no row" in report
-    assert "not checked (no annotation row): 1 images, 000d4.jpg" in report
+    assert "not in the source annotations, unchecked: 1 images, 000d4.jpg" in report
+    audit = load(pc.contamination_path(prepared_json(root, "openimages_ood_val")))["id_sets"]["voc"]
+    assert audit["unchecked"] == {"count": 1, "files": ["000d4.jpg"]}
 
 
 def test_allow_unannotated_needs_the_csv(oi_root, capsys):
@@ -257,8 +356,8 @@ def test_write_atomic_delegates_and_skips_identical_bytes(tmp_path, monkeypatch)
     [
         ("voc", ["--allow-missing", "--difficult"]),
         ("bdd", ["--allow-missing"]),
-        ("coco_ood", ["--allow-missing"]),
-        ("openimages_ood", ["--allow-missing", "--allow-unannotated"]),
+        ("coco_ood", ["--allow-missing", "--drop-contaminated"]),
+        ("openimages_ood", ["--allow-missing", "--allow-unannotated", "--drop-contaminated", "--drop-overlap"]),
     ],
 )
 def test_new_flags_in_help(capsys, name, flags):

@@ -285,6 +285,7 @@ def coco_instances():
         5: [],  # no annotation: kept
         6: [("person", 1)],  # a crowd of an ID class still counts
         7: [("couch", 0), ("laptop", 0)],  # VOC sofa; OOD for BDD
+        8: [("motorcycle", 0), ("tv", 0)],  # VOC motorbike and tvmonitor; BDD motorcycle
     }
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 32, "height": 24} for i in content]
     anns = []
@@ -310,7 +311,7 @@ def coco_root(tmp_path):
     root = tmp_path / "data"
     (root / "coco" / "annotations").mkdir(parents=True)
     (root / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(coco_instances()))
-    for i in range(1, 8):
+    for i in range(1, 9):
         jpeg(root / "coco" / "val2017" / f"{i:012d}.jpg", (32, 24))
     return root
 
@@ -332,6 +333,9 @@ def test_coco_ood_filter(coco_root):
     kept_anns = [a for a in source["annotations"] if a["image_id"] in {2, 3, 4, 5}]
     assert voc["annotations"] == kept_anns and voc["categories"] == source["categories"]  # copied unchanged
     assert report.count("in-distribution classes surviving") == 2 and "surviving (w.r.t. VOC): none" in report
+    for name, id_set in (("coco_ood_val", "voc"), ("coco_ood_val_bdd", "bdd")):  # built clean: audited, none found
+        audit = load(pc.contamination_path(prepared_json(coco_root, name)))["id_sets"][id_set]
+        assert audit["audited"] and audit["count"] == 0 and audit["source"] == "instances_val2017.json"
 
     code, report = run("coco_ood", "--root", coco_root)
     assert code == 0 and "nothing changed" in report
@@ -389,6 +393,64 @@ def test_class_maps():
     assert set(class_maps.BDD_LEGACY_NAMES.values()) <= set(class_maps.BDD_CLASSES)
 
 
+def literature_files(coco_root):
+    """The literature's rm_overlap files as published: ID annotations removed, some images that hold ID
+    objects kept (7: a couch, 8: a motorcycle and a tv; 4: a stop sign)."""
+    source = coco_instances()
+    names = {c["id"]: c["name"] for c in source["categories"]}
+    for target, keep in (("voc", {2, 5, 7, 8}), ("bdd", {2, 4, 5, 8})):
+        overlap = class_maps.overlap_names(class_maps.TO_COCO[target])
+        anns = [a for a in source["annotations"] if a["image_id"] in keep and names[a["category_id"]] not in overlap]
+        literature = dict(source, images=[im for im in source["images"] if im["id"] in keep], annotations=anns)
+        file_name = script("coco_ood").TARGETS[target][1]
+        (coco_root / "coco" / "annotations" / file_name).write_text(json.dumps(literature))
+
+
+def test_coco_ood_contamination_audit_of_the_literature_files(coco_root):
+    literature_files(coco_root)
+    code, report = run("coco_ood", "--root", coco_root)
+    assert code == 0, report
+    voc_json, bdd_json = prepared_json(coco_root, "coco_ood_val"), prepared_json(coco_root, "coco_ood_val_bdd")
+    lit_dir = coco_root / "coco" / "annotations"
+    assert voc_json.read_bytes() == (lit_dir / "instances_val2017_ood_rm_overlap.json").read_bytes()  # published list
+    voc = load(pc.contamination_path(voc_json))
+    assert voc["json"] == "coco_ood_val.json" and list(voc["id_sets"]) == ["voc"]
+    audit = voc["id_sets"]["voc"]
+    # COCO names mapped to VOC's: couch -> sofa, motorcycle -> motorbike, tv -> tvmonitor
+    assert audit["audited"] and audit["count"] == 2 and audit["images"] == 4 and not audit["dropped"]
+    assert audit["per_class"] == {c: {"images": 1, "boxes": 1} for c in ("motorbike", "sofa", "tvmonitor")}
+    assert audit["contaminated"] == [
+        {"id": 7, "file_name": "000000000007.jpg", "classes": ["sofa"]},
+        {"id": 8, "file_name": "000000000008.jpg", "classes": ["motorbike", "tvmonitor"]},
+    ]
+    bdd = load(pc.contamination_path(bdd_json))["id_sets"]["bdd"]  # stop sign -> traffic sign
+    assert bdd["count"] == 2 and set(bdd["per_class"]) == {"motorcycle", "traffic sign"}
+    assert "contamination (w.r.t. VOC), from instances_val2017.json: 2 of 4 images hold" in report
+    assert "motorbike 1, sofa 1, tvmonitor 1" in report and "kept, as in the published list" in report
+
+    code, report = run("coco_ood", "--root", coco_root, "--drop-contaminated")
+    assert code == 0, report
+    assert sorted(im["id"] for im in load(voc_json)["images"]) == [2, 5]
+    assert sorted(im["id"] for im in load(bdd_json)["images"]) == [2, 5]
+    assert load(pc.contamination_path(voc_json))["id_sets"]["voc"]["dropped"] is True
+    assert "removed (--drop-contaminated): 000000000007.jpg, 000000000008.jpg" in report
+
+
+def test_coco_ood_audit_without_the_source_annotations_says_so(coco_root, capsys):
+    literature_files(coco_root)
+    instances = coco_root / "coco" / "annotations" / "instances_val2017.json"
+    instances.unlink()
+    code, report = run("coco_ood", "--root", coco_root, "--target", "voc")
+    assert code == 0, report
+    assert f"contamination (w.r.t. VOC): not audited, {instances} not found" in report and " 0 of " not in report
+    audit = load(pc.contamination_path(prepared_json(coco_root, "coco_ood_val")))["id_sets"]["voc"]
+    assert (audit["audited"], audit["count"]) == (False, None) and str(instances) in audit["why_not"]
+
+    assert run("coco_ood", "--root", coco_root, "--target", "voc", "--drop-contaminated")[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: COCO instances_val2017.json not found: expected ") and str(instances) in err
+
+
 # ---------------------------------------------------------------- OpenImages fixture
 OI_CLASSES = {"/m/01g317": "Person", "/m/0bwd_0j": "Elephant", "/m/015qff": "Traffic light", "/m/07y_7": "Violin"}
 OI_ROWS = [
@@ -432,9 +494,9 @@ def test_openimages_from_csv(oi_root):
     # the overlap check reports the ID objects it finds (OpenImages-OOD holds some)
     assert "surviving (w.r.t. VOC): 1 images hold one" in report and "person: 1 boxes in 1 images" in report
     assert "surviving (w.r.t. BDD): 2 images hold one" in report and "traffic light: 1 boxes" in report
-    assert run("openimages_ood", *args)[1].count("unchanged (identical bytes)") == 1
+    assert run("openimages_ood", *args)[1].count("unchanged (identical bytes)") == 2  # the json and its audit
 
-    code, report = run("openimages_ood", *args, "--drop-overlap", "voc", "bdd")
+    code, report = run("openimages_ood", *args, "--drop-contaminated", "voc", "bdd")
     assert code == 0, report
     coco = load(prepared_json(root, "openimages_ood_val"))
     assert [im["id"] for im in coco["images"]] == ["000b2"]
@@ -450,6 +512,38 @@ def test_openimages_from_csv(oi_root):
         assert MetadataCatalog.get(name).thing_classes == list(classes) and MetadataCatalog.get(name).is_ood
 
 
+def test_openimages_contamination_audit(oi_root):
+    root, src = oi_root
+    # a second CSV, with a display name in other case: names are compared case-insensitively
+    (src / "more.csv").write_text("ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsGroupOf\n"
+                                  "000b2,xclick,/m/04_sv,1,0.0,0.5,0.0,0.5,0\n")
+    names = src / "classes.csv"
+    names.write_text((src / "class-descriptions-boxable.csv").read_text() + "/m/04_sv,MOTORCYCLE\n")
+    args = ["--root", root, "--annotations-csv", src / "validation-annotations-bbox.csv", src / "more.csv",
+            "--class-descriptions", names, "--image-ids", src / "ids.txt"]
+    code, report = run("openimages_ood", *args)
+    assert code == 0, report
+    path = prepared_json(root, "openimages_ood_val")
+    assert [im["id"] for im in load(path)["images"]] == ["000a1", "000b2", "000c3"]  # the published list, kept
+    audits = load(pc.contamination_path(path))["id_sets"]
+    assert [(a["count"], a["images"]) for a in audits.values()] == [(2, 3), (3, 3)]
+    assert audits["voc"]["per_class"] == {"motorbike": {"images": 1, "boxes": 1}, "person": {"images": 1, "boxes": 1}}
+    assert [e["file_name"] for e in audits["bdd"]["contaminated"]] == ["000a1.jpg", "000b2.jpg", "000c3.jpg"]
+    assert audits["bdd"]["contaminated"][1]["classes"] == ["motorcycle"]
+    assert audits["voc"]["source"] == "validation-annotations-bbox.csv, more.csv"
+    assert "contamination (w.r.t. VOC), from validation-annotations-bbox.csv, more.csv: 2 of 3 images hold" in report
+
+    code, report = run("openimages_ood", *args, "--drop-contaminated", "voc")
+    assert code == 0, report
+    assert [im["id"] for im in load(path)["images"]] == ["000c3"]
+    audits = load(pc.contamination_path(path))["id_sets"]
+    assert (audits["voc"]["dropped"], audits["bdd"]["dropped"]) == (True, False)
+    assert "removed (--drop-contaminated): 000a1.jpg, 000b2.jpg" in report
+
+    code, report = run("openimages_ood", *args, "--drop-contaminated")  # bare: both sets
+    assert code == 0 and load(path)["images"] == []
+
+
 def test_openimages_literature_file(oi_root):
     root, src = oi_root
     lit = root / "OpenImages" / "ood_classes_rm_overlap" / "COCO-Format" / "val_coco_format.json"
@@ -462,6 +556,11 @@ def test_openimages_literature_file(oi_root):
     assert code == 0, report
     assert prepared_json(root, "openimages_ood_val").read_bytes() == lit.read_bytes()
     assert "no box annotations" in report and "literature count: 1837" in report
+    # no source annotations for these images: the audit says so instead of a count
+    assert report.count("not audited, no source annotations were given") == 2 and " 0 of " not in report
+    audits = load(pc.contamination_path(prepared_json(root, "openimages_ood_val")))["id_sets"]
+    assert [(a["audited"], a["count"]) for a in audits.values()] == [(False, None), (False, None)]
+    assert all("--annotations-csv" in a["why_not"] for a in audits.values())
 
     # with the CSVs, the literature's image list is checked against OpenImages' labels
     code, report = run(

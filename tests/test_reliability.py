@@ -22,14 +22,20 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
+from fakes import FixedAP, FixedDetector
+from PIL import Image
 from torch import nn
 
 from ood_det.checkpoint import CheckpointError, OODCheckpointer
 from ood_det.config import load_config
 from ood_det.data.bad_data import build_checked_train_loader
+from ood_det.data.builtin import REAL_DATASETS, prepared_json, register_real_datasets
 from ood_det.data.synthetic import ID_CLASSES, register_shapes_splits
 from ood_det.engine import NonFiniteLossError, Trainer
 from ood_det.errors import DatasetError
+from ood_det.evaluation.loader import build_eval_loader
+from ood_det.evaluation.ood_evaluation import evaluate_ood
 from ood_det.modeling.roi_heads import EnergyCFLOutputLayers
 
 from conftest import REPO, run_tool
@@ -324,6 +330,83 @@ def test_mismatched_checkpoint_lists_the_keys(tmp_path, opts, keys):
         assert f"roi_heads.box_predictor.{key}" in message, message
 
 
+OLD_CALIBRATION = "roi_heads.box_predictor.calibration."
+
+
+def _old_format(model, legacy_head=None):
+    """``model``'s state as written before the OODScorer existed: its calibration under
+    ``calibration.``, stats as (4,) ``score_stats`` (-energy and rep_score mean / std, no msp),
+    float32 buffers; ``legacy_head``: a model whose embedding head and centers it also holds,
+    as every mode's checkpoints then did."""
+    state = {k: v for k, v in model.state_dict().items() if ".scorer." not in k}
+    (ne_mean, ne_std), _, (rep_mean, rep_std) = STATS
+    state.update({OLD_CALIBRATION + "calibrated": torch.tensor(True),
+                  OLD_CALIBRATION + "score_stats": torch.tensor([ne_mean, ne_std, rep_mean, rep_std]),
+                  OLD_CALIBRATION + "id_threshold": torch.tensor(CALIBRATION["id_threshold"]),
+                  OLD_CALIBRATION + "conf_threshold": torch.tensor(CALIBRATION["conf_threshold"])})
+    if legacy_head is not None:
+        state.update({k: v for k, v in legacy_head.state_dict().items()
+                      if k.startswith(("roi_heads.box_predictor.embed.", "roi_heads.box_predictor.centers"))})
+    return state
+
+
+#: (mode, with the embedding head and centers of the time). A vanilla one without them has its
+#: calibration.* entries as the only sign of an OOD head.
+OLD_CHECKPOINTS = [("energy_cfl", False), ("vanilla", True), ("vanilla", False)]
+
+
+@pytest.mark.parametrize("mode, legacy_head", OLD_CHECKPOINTS)
+def test_checkpoint_written_before_the_scorer_keeps_its_calibration(tmp_path, mode, legacy_head):
+    cfg = tiny_cfg(tmp_path, "MODEL.OOD.MODE", mode, "MODEL.OOD.SCORE", "energy")
+    legacy = build_model(tiny_cfg(tmp_path)) if legacy_head else None
+    torch.save({"model": _old_format(build_model(cfg), legacy)}, tmp_path / "old.pth")
+    model = build_model(cfg)
+    OODCheckpointer(model).load(str(tmp_path / "old.pth"))
+    scorer = model.roi_heads.box_predictor.scorer
+    (ne_mean, ne_std), _, rep = STATS
+    assert bool(scorer.calibrated)
+    torch.testing.assert_close(scorer.stats, torch.tensor([[ne_mean, ne_std], [0.0, 1.0], rep], dtype=torch.float64))
+    assert float(scorer.id_threshold) == CALIBRATION["id_threshold"]
+    assert float(scorer.conf_threshold) == CALIBRATION["conf_threshold"]
+    assert float(scorer.rep_weight) == cfg.MODEL.OOD.REP_SCORE_WEIGHT  # not in such checkpoints: the configured one
+    # -energy -1, 0 and 2 standardize to -1.25, -0.75 (the threshold: not below it) and 0.25.
+    flagged = scorer.is_ood(scorer.id_score({"energy": torch.tensor([1.0, 0.0, -2.0])}))
+    assert flagged.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("mode, legacy_head", [*OLD_CHECKPOINTS, ("vos", True)])
+def test_checkpoint_written_before_the_scorer_has_a_place_for_every_entry(tmp_path, mode, legacy_head):
+    """Renamed, reshaped or untrained (embedding head and centers outside energy_cfl): nothing
+    is left over and nothing is missing."""
+    cfg = tiny_cfg(tmp_path, "MODEL.OOD.MODE", mode, "MODEL.OOD.SCORE", "energy")
+    legacy = build_model(tiny_cfg(tmp_path)) if legacy_head else None
+    result = build_model(cfg).load_state_dict(_old_format(build_model(cfg), legacy), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("mode, legacy_head", OLD_CHECKPOINTS)
+def test_checkpoint_written_before_the_scorer_of_other_classes_is_refused(tmp_path, mode, legacy_head):
+    cfg = tiny_cfg(tmp_path, "MODEL.OOD.MODE", mode, "MODEL.OOD.SCORE", "energy")
+    legacy = build_model(tiny_cfg(tmp_path)) if legacy_head else None
+    torch.save({"model": _old_format(build_model(cfg), legacy)}, tmp_path / "old.pth")
+    other = build_model(tiny_cfg(tmp_path, "MODEL.OOD.MODE", mode, "MODEL.OOD.SCORE", "energy",
+                                 "MODEL.ROI_HEADS.NUM_CLASSES", "3"))
+    with pytest.raises(CheckpointError, match=r"does not fit this model.*roi_heads\.box_predictor\.cls_score\.weight"):
+        OODCheckpointer(other).load(str(tmp_path / "old.pth"))
+
+
+@pytest.mark.parametrize("mode", ["energy_cfl", "vanilla"])
+def test_ood_checkpoint_with_module_prefixed_keys_of_other_classes_is_refused(tmp_path, mode):
+    """Keys of a model saved while wrapped in DistributedDataParallel start with ``module.``."""
+    cfg = tiny_cfg(tmp_path, "MODEL.OOD.MODE", mode, "MODEL.OOD.SCORE", "energy")
+    state = {"module." + k: v for k, v in build_model(cfg).state_dict().items()}
+    torch.save({"model": state}, tmp_path / "ddp.pth")
+    other = build_model(tiny_cfg(tmp_path, "MODEL.OOD.MODE", mode, "MODEL.OOD.SCORE", "energy",
+                                 "MODEL.ROI_HEADS.NUM_CLASSES", "3"))
+    with pytest.raises(CheckpointError, match=r"does not fit this model.*roi_heads\.box_predictor\.cls_score\.weight"):
+        OODCheckpointer(other).load(str(tmp_path / "ddp.pth"))
+
+
 # ---------------------------------------------------------------- bad data
 def _corrupt(d, tmp_path):
     bad = tmp_path / "corrupt.png"
@@ -341,6 +424,9 @@ BAD_CASES = {
                          "lies outside the 128x128 image"),
     "no_annotations": (lambda d, tmp: d.update(annotations=[]), "no annotations"),
     "unknown_category": (lambda d, tmp: d["annotations"][0].update(category_id=7), "category_id 7 is not one of"),
+    # a readable image whose json gives another size: named as such, with the fix, not as unreadable
+    "size_mismatch": (lambda d, tmp: d.update(width=256, height=200),
+                      "size mismatch (the file is fine): its json says 256x200, the image is 128x128"),
 }
 
 
@@ -418,6 +504,73 @@ def test_undecodable_image_in_a_worker_is_one_clear_line(data_root, tmp_path):
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, log[-3000:]
     assert errors[0].startswith(f"error: {victim}: cannot read the image"), errors[0]
+
+
+def _exif_turned_jpeg(path, stored=(64, 48), orientation=6):
+    """A JPEG whose EXIF orientation turns it a quarter: detectron2 reads it as 48x64."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", stored, (90, 120, 150)).save(path, quality=90, exif=exif.tobytes())
+
+
+def test_size_mismatch_at_evaluation_names_the_json_and_its_script(tmp_path):
+    """An OpenImages-OOD json with the stored size of an EXIF-turned JPEG, as prepared before sizes were
+    checked: the image is readable, so the reason names the json, both sizes and the script to re-run."""
+    root = tmp_path / "data"
+    image = root / REAL_DATASETS["openimages_ood_val"].image_root / "000a1.jpg"
+    _exif_turned_jpeg(image)
+    images = [{"id": "000a1", "file_name": "000a1.jpg", "width": 64, "height": 48}]
+    json_file = prepared_json(root, "openimages_ood_val")
+    json_file.parent.mkdir(parents=True)
+    json_file.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    register_real_datasets(root, prefix="rel_exif_")
+    loader = build_eval_loader(tiny_cfg(tmp_path), "rel_exif_openimages_ood_val")
+    assert list(loader) == []
+    ((file_name, problem),) = loader.skipped
+    assert file_name == str(image.absolute())
+    assert problem.startswith("size mismatch (the file is fine): its json says 64x48, the image is 48x64 as "
+                              "detectron2 reads it (turned by its EXIF orientation); re-run "
+                              f"datasets/prepare_openimages_ood.py, which writes {json_file.absolute()}")
+
+
+def test_results_list_each_skipped_image_with_its_reason(tmp_path):
+    """ID test set: two images and an EXIF-turned JPEG whose json size is the stored one; OOD set: one
+    image and an undecodable file. ood_results.json names both left-out images, each with its reason."""
+    sets = {"rel_skip_id": ["id0.png", "id1.png", "turned.jpg"], "rel_skip_ood": ["ood0.png", "ood_bad.png"]}
+    for name, files in sets.items():
+        dicts = []
+        for i, f in enumerate(files):
+            path = tmp_path / f
+            if f == "turned.jpg":
+                _exif_turned_jpeg(path)
+            elif "bad" in f:
+                path.write_bytes(b"not a png")
+            else:
+                Image.new("RGB", (64, 48), (40 * i, 90, 20)).save(path)
+            field = "annotations" if name == "rel_skip_id" else "ood_annotations"
+            dicts.append({"file_name": str(path), "image_id": f, "width": 64, "height": 48,
+                          field: [{"bbox": [10, 10, 30, 30], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0,
+                                   "iscrowd": 0}] if field == "annotations" else []})
+        DatasetCatalog.register(name, lambda dicts=dicts: dicts)
+        MetadataCatalog.get(name).set(thing_classes=["thing"], is_ood=name == "rel_skip_ood")
+    cfg = load_config("shapes_vanilla", ["DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "('rel_skip_id',)",
+                                         "DATASETS.OOD_TEST", "('rel_skip_ood',)", "OUTPUT_DIR", str(tmp_path / "out")])
+    # One confident box per image, energy 1 on the OOD images and -3 on the others.
+    model = FixedDetector(lambda image_id: [(0.9, 10.0, 10.0, 30.0, 30.0, 1.0 if image_id.startswith("ood") else -3.0)],
+                          conf_threshold=0.5)
+    try:
+        evaluate_ood(cfg, model, lambda cfg, name: FixedAP())
+    finally:
+        for name in sets:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    skipped = json.loads((tmp_path / "out" / "ood_results.json").read_text())["unreadable_images"]
+    assert {name: record["count"] for name, record in skipped.items()} == {"rel_skip_id": 1, "rel_skip_ood": 1}
+    (turned,), (bad,) = skipped["rel_skip_id"]["files"], skipped["rel_skip_ood"]["files"]
+    assert turned["file"] == str(tmp_path / "turned.jpg") and bad["file"] == str(tmp_path / "ood_bad.png")
+    assert turned["reason"].startswith("size mismatch (the file is fine): its json says 64x48, the image is 48x64")
+    assert bad["reason"].startswith("cannot read the image (UnidentifiedImageError")
 
 
 # ---------------------------------------------------------------- non-finite losses

@@ -1,14 +1,18 @@
 """EnergyCFLROIHeads / EnergyCFLOutputLayers on CPU, in the style of detectron2's tests/modeling."""
+import copy
+
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ood_det import add_ood_config
+from ood_det.modeling.losses import cfl_loss, energy_loss_logistic, rep_outlier_loss
 from ood_det.modeling.roi_heads import EnergyCFLOutputLayers, EnergyCFLROIHeads
 from ood_det.modeling.scorer import OODScorer
 from ood_det.modeling.scores import energy
@@ -121,6 +125,73 @@ def test_modes_build_and_train_only_their_parts(mode, ood_losses):
     assert all(p.grad is not None for n, p in pred.named_parameters()), names  # DDP sees every parameter
 
 
+def _reference_ood_losses(pred, predictions, proposals, iteration):
+    """The mode's losses computed plainly: boolean foreground masks, one energy and one embedding
+    pass per set of boxes, every loss weight multiplied in."""
+    logits, deltas, features = predictions
+    losses = FastRCNNOutputLayers.losses(pred, (logits, deltas), proposals)
+    gt = torch.cat([p.gt_classes for p in proposals])
+    fg = (gt >= 0) & (gt < pred.num_classes)
+    pred.synthesizer.enqueue(features[fg], gt[fg])
+    out = pred.synthesizer.sample_if_ready(iteration)[0]
+    e_in, e_out = pred.training_energy(logits[fg]), pred.training_energy(pred.cls_score(out))
+    ood = {"loss_energy": energy_loss_logistic(e_in, e_out, pred.energy_logistic)}
+    emb_in, emb_out = pred.embeddings(features[fg]), pred.embeddings(out)
+    ood["loss_cfl"] = cfl_loss(emb_in, gt[fg], pred.centers, pred.cfl_tau, pred.cfl_gamma)
+    ood["loss_rep_out"] = rep_outlier_loss(emb_out, pred.centers, pred.rep_out_margin)
+    losses.update({k: v * pred.loss_weights[k] for k, v in ood.items()})
+    return losses
+
+
+def test_losses_and_gradients_match_the_plain_computation():
+    """Foreground picked on the host, one energy pass for both sets, weights of 1 left out: the same
+    losses, gradients and queues as the plain computation, through the filling phase and synthesis
+    (the class weights' gradient up to rounding)."""
+    cfg = _cfg(START_ITER=1, QUEUE_SIZE=6, REFIT_PERIOD=2, ENERGY_LOSS_WEIGHT=0.3, NUM_SAMPLES=2)
+    features, shapes, proposals, targets = _inputs()
+    heads = _build(cfg, shapes)
+    with EventStorage(0):
+        props = heads.label_and_sample_proposals(proposals, targets)
+    pred = heads.box_predictor
+    ref = copy.deepcopy(pred)
+    x = torch.randn(sum(len(p) for p in props), 16, generator=torch.Generator().manual_seed(3))
+    for it in range(4):
+        got, want = {}, {}
+        for model, fn, out in ((pred, lambda m, p: m.losses(p, props), got),
+                               (ref, lambda m, p: _reference_ood_losses(m, p, props, it), want)):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(it)  # the same outliers for both
+            with EventStorage(it):
+                out.update(fn(model, model(x)))
+            sum(out.values()).backward()
+        assert set(got) == set(want) == LOSS_KEYS
+        for key in got:
+            assert torch.equal(got[key], want[key]), (it, key)
+        for (name, p), (_, q) in zip(pred.named_parameters(), ref.named_parameters()):
+            if name == "energy_weights":  # its gradient sums over both sets in one pass: another rounding
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(p.grad, q.grad), (it, name)
+        for name in ("queue", "queue_count", "queue_ptr"):
+            assert torch.equal(getattr(pred.synthesizer, name), getattr(ref.synthesizer, name)), (it, name)
+    assert got["loss_energy"] > 0  # synthesis took part
+
+
+def test_vos_two_class_regression_trains_in_the_head():
+    cfg = _cfg(MODE="vos", START_ITER=0, ENERGY_LOGISTIC="two_class")
+    features, shapes, proposals, targets = _inputs()
+    heads = _build(cfg, shapes)
+    logistic = heads.box_predictor.energy_logistic
+    assert logistic.linear.weight.shape == (2, 1)
+    for it in range(3):
+        losses = _train_step(heads, features, proposals, targets, it)
+    assert losses["loss_energy"] > 0
+    sum(losses.values()).backward()
+    assert logistic.linear.weight.grad.abs().sum() > 0
+    w = logistic.linear.weight.detach()
+    assert logistic.slope == pytest.approx(float(w[1, 0] - w[0, 0]))
+
+
 def test_energy_class_weights_only_in_training_energy():
     cfg = _cfg(MODE="vos", START_ITER=0)
     _, shapes, _, _ = _inputs()
@@ -212,6 +283,57 @@ def test_ood_fields_stay_aligned_with_boxes_through_nms_and_non_finite_drops():
         torch.testing.assert_close(rep, expected_rep.max())
 
 
+def _reference_fields(pred, logits, features, boxes, probs, keep):
+    """One image's OOD fields computed plainly: isfinite masks, the scorer's float64 buffers cast per call."""
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
+    source = torch.argsort((~valid).to(torch.uint8), stable=True)[keep]
+    fields = pred.scorer.box_scores(logits[source], pred.embeddings(features[source]), pred.centers)
+    scorer, stats = pred.scorer, pred.scorer.stats
+    energy_term = (-fields["energy"] - stats[0, 0].float()) / stats[0, 1].float().clamp(min=1e-6)
+    rep_term = (fields["rep_score"] - stats[2, 0].float()) / stats[2, 1].float().clamp(min=1e-6)
+    id_score = energy_term + rep_term * scorer.rep_weight.float()
+    return {**fields, "ood_score": -id_score, "is_ood": id_score < scorer.id_threshold.float()}
+
+
+def test_ood_fields_of_a_batch_match_each_image_computed_alone():
+    """The fields of all images come from one pass over their kept boxes; per image they are those of
+    the plain per-image computation (bit for bit for one image; a batch may round differently)."""
+    torch.manual_seed(1)
+    pred = _predictor(test_score_thresh=0.0)
+    with torch.no_grad():
+        pred.scorer.stats.copy_(torch.tensor([[3.0, 2.0], [0.5, 0.1], [0.2, 0.3]], dtype=torch.float64))
+        pred.scorer.rep_weight.fill_(0.7)
+        pred.scorer.calibrated.fill_(True)
+    counts = [7, 0, 5]
+    props, logits, features = [], torch.randn(12, NUM_CLASSES + 1) * 3, torch.randn(12, 6)
+    logits[9, 2] = float("inf")  # image 2 loses a proposal before NMS
+    for n in counts:
+        p = Instances((256, 256))
+        xy = torch.rand(n, 2) * 100
+        p.proposal_boxes = Boxes(torch.cat([xy, xy + 30], dim=1))
+        props.append(p)
+    deltas = torch.randn(12, 4 * NUM_CLASSES) * 0.1
+    with torch.no_grad():
+        boxes = pred.predict_boxes((logits, deltas, features), props)
+        probs = pred.predict_probs((logits, deltas, features), props)
+        ids = pred.scorer.id_score(pred.scorer.box_scores(logits, pred.embeddings(features), pred.centers))
+        pred.scorer.id_threshold.fill_(float(ids.median()))
+        for batch in ([0], [0, 1, 2]):
+            starts = [sum(counts[:i]) for i in batch]
+            rows = torch.cat([torch.arange(s, s + counts[i]) for s, i in zip(starts, batch)])
+            results, kept = pred.inference((logits[rows], deltas[rows], features[rows]), [props[i] for i in batch])
+            for r, keep, i, start in zip(results, kept, batch, starts):
+                part = slice(start, start + counts[i])
+                want = _reference_fields(pred, logits[part], features[part], boxes[i], probs[i], keep)
+                for name, value in want.items():
+                    if len(batch) == 1 or value.dtype == torch.bool:
+                        assert torch.equal(r.get(name), value), (batch, i, name)
+                    else:
+                        torch.testing.assert_close(r.get(name), value, rtol=1e-5, atol=1e-6)
+    assert len(results[0]) and not len(results[1]) and len(results[2])
+    assert results[0].is_ood.any() or results[2].is_ood.any()
+
+
 def test_calibrated_threshold_sets_is_ood():
     pred = _predictor(mode="vanilla", scorer=OODScorer(has_representation=False), synthesizer=None)
     props = Instances((256, 256))
@@ -237,6 +359,8 @@ def test_calibrated_threshold_sets_is_ood():
         ("QUEUE_SIZE", 0, "MODEL.OOD.QUEUE_SIZE"),
         ("SCORE", "bogus", "MODEL.OOD.SCORE"),
         ("QUEUE_ROTATION", "lifo", "MODEL.OOD.QUEUE_ROTATION"),
+        ("QUEUE_SYNC", "broadcast", "MODEL.OOD.QUEUE_SYNC"),
+        ("ENERGY_LOGISTIC", "softmax", "MODEL.OOD.ENERGY_LOGISTIC"),
     ],
 )
 def test_bad_config_names_the_key(key, value, message):

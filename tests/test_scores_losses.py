@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
 
 import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
 from ood_det.modeling.losses import (
@@ -339,6 +340,35 @@ def test_fitted_weight_follows_the_term_that_separates_outliers():
     assert float(fixed.rep_weight) == pytest.approx(0.7)  # not asked to fit: the configured weight stays
 
 
+def test_fitted_weight_balances_unequal_counts_of_boxes_and_outliers():
+    """2000 validation boxes against 100 virtual outliers of another spread (so that weighting the
+    two classes moves the slopes, not only the bias): w is the ratio of the coefficients of a
+    class-balanced logistic regression on the standardized terms, here scikit-learn's."""
+    rng = np.random.default_rng(0)
+    n_id, n_out = 2000, 100
+    ids = {"energy": -rng.normal(5, 1, n_id), "msp": rng.uniform(0.5, 1, n_id), "rep_score": rng.normal(0.8, 0.1, n_id)}
+    outliers = {"energy": -rng.normal(3.5, 2, n_out), "msp": rng.uniform(0.5, 1, n_out),
+                "rep_score": rng.normal(0.7, 0.3, n_out)}
+    scorer = OODScorer(rep_weight=1.0, fit_rep_weight=True)
+    scorer.fit(ids, 0.0, outlier_fields=outliers)
+
+    def standardized(f):
+        ne, id_ne = -f["energy"], -ids["energy"]
+        return np.c_[(ne - id_ne.mean()) / id_ne.std(ddof=1),
+                     (f["rep_score"] - ids["rep_score"].mean()) / ids["rep_score"].std(ddof=1)]
+
+    x, y = np.r_[standardized(ids), standardized(outliers)], np.r_[np.ones(n_id), np.zeros(n_out)]
+
+    def weight(class_weight):
+        coef = LogisticRegression(class_weight=class_weight, C=1e6, tol=1e-10, max_iter=10000).fit(x, y).coef_[0]
+        return coef[1] / coef[0]
+
+    balanced = weight("balanced")
+    # Each class weighted by the other's count instead: a clearly different weight on these data.
+    assert abs(weight({1.0: 1.0, 0.0: n_out / n_id}) - balanced) > 0.5 * balanced
+    assert float(scorer.rep_weight) == pytest.approx(balanced, rel=1e-3)
+
+
 def test_positive_slope_logistic_only_asks_for_higher_outlier_energy():
     free, positive = EnergyLogistic(), EnergyLogistic(positive_slope=True)
     for module in (free, positive):
@@ -351,3 +381,64 @@ def test_positive_slope_logistic_only_asks_for_higher_outlier_energy():
     e_in, e_out = torch.tensor([-1.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
     energy_loss_logistic(e_in, e_out, positive).backward()
     assert e_in.grad > 0 and e_out.grad < 0  # lower the ID energy, raise the outlier's
+
+
+def test_two_class_logistic_is_vos_cross_entropy_and_the_binary_model():
+    """VOS's Linear(1, 2) + cross-entropy equals BCE on the logit difference: same loss and gradients as
+    the two_class form, and the same loss as the binary form with the matched slope and bias."""
+    two = EnergyLogistic(form="two_class")
+    with torch.no_grad():
+        two.linear.weight.copy_(torch.tensor([[-0.4], [0.9]]))
+        two.linear.bias.copy_(torch.tensor([0.3, -1.2]))
+    e_in, e_out = torch.tensor([-6.0, -4.5, -5.2]), torch.tensor([-1.0, -2.5])
+    vos = torch.nn.Linear(1, 2)
+    vos.load_state_dict(two.linear.state_dict())
+    x = -torch.cat([e_in, e_out])
+    want = F.cross_entropy(vos(x[:, None]), torch.tensor([1, 1, 1, 0, 0]))
+    got = energy_loss_logistic(e_in, e_out, two)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(two.linear.weight.grad, vos.weight.grad)
+    torch.testing.assert_close(two.linear.bias.grad, vos.bias.grad)
+    assert two.slope == pytest.approx(1.3)
+    binary = EnergyLogistic()
+    with torch.no_grad():
+        binary.linear.weight.fill_(1.3)
+        binary.linear.bias.fill_(-1.5)
+    torch.testing.assert_close(energy_loss_logistic(e_in, e_out, binary), want)
+    assert binary.slope == pytest.approx(1.3)
+    positive = EnergyLogistic(positive_slope=True, form="two_class")
+    with torch.no_grad():
+        positive.linear.weight.copy_(torch.tensor([[0.5], [-1.5]]))
+    assert positive.slope == pytest.approx(float(F.softplus(torch.tensor(-2.0))))
+    with pytest.raises(ValueError, match=r"MODEL\.OOD\.ENERGY_LOGISTIC"):
+        EnergyLogistic(form="softmax")
+
+
+def test_cast_calibration_follows_every_change_of_the_buffers():
+    """The scorer casts its float64 calibration once per change; each way of changing it is seen."""
+    fields = _fields()
+    ids32 = torch.tensor([-2.0, 0.1, 0.4, 5.0])
+    scorer = OODScorer()
+
+    fields32 = {k: torch.tensor(v, dtype=torch.float32) for k, v in fields.items()}
+
+    def check():  # against a scorer of the same state that never cast anything; float32 first and last,
+        fresh = OODScorer()  # so that a stale float32 cast of the previous check would be used
+        fresh.load_state_dict(scorer.state_dict())
+        assert torch.equal(scorer.id_score(fields32), fresh.id_score(fields32))
+        assert torch.equal(scorer.is_ood(ids32), fresh.is_ood(ids32))
+        assert torch.equal(scorer.id_score(fields), fresh.id_score(fields))
+        return scorer.is_ood(ids32)
+
+    assert not check().any()  # uncalibrated
+    scorer.fit(fields, 0.3)
+    check()
+    with torch.no_grad():
+        scorer.rep_weight.fill_(2.5)
+        scorer.stats[0].copy_(torch.tensor([1.0, 3.0], dtype=torch.float64))
+        scorer.id_threshold.fill_(0.3)
+    assert check().tolist() == [True, True, False, False]
+    scorer.load_state_dict(OODScorer().state_dict())  # uncalibrated again
+    assert not check().any()

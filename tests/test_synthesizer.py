@@ -1,5 +1,7 @@
 """VirtualOutlierSynthesizer: FIFO queues, readiness, checkpoints, exact sampling, distributed gather."""
+import datetime
 import io
+import math
 
 import numpy as np
 import pytest
@@ -11,16 +13,19 @@ import torch.multiprocessing as mp
 import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
 from ood_det.modeling.synthesizer import (
     VirtualOutlierSynthesizer,
+    _chi2_bracket,
+    _wilson_hilferty,
     brute_force_sample,
     chi2_isf,
     chi_radii_from_uniforms,
+    random_unit_vectors,
     top_chi_radii,
 )
 
 
-def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4, refit_period=1, rotation="own_full"):
-    return VirtualOutlierSynthesizer(K, D, queue_size=Q, start_iter=start_iter, num_candidates=N,
-                                     num_samples=S, cov_eps=eps, refit_period=refit_period, rotation=rotation)
+def _synth(K=2, D=1, Q=3, start_iter=0, N=20, S=1, eps=1e-4, refit_period=1, rotation="own_full", sync="all_gather"):
+    return VirtualOutlierSynthesizer(K, D, queue_size=Q, start_iter=start_iter, num_candidates=N, num_samples=S,
+                                     cov_eps=eps, refit_period=refit_period, rotation=rotation, sync=sync)
 
 
 def _fifo(syn, k):
@@ -67,6 +72,7 @@ def _exact_stats(syn):
     (dict(refit_period=0), "MODEL.OOD.REFIT_PERIOD"),
     (dict(K=0), "MODEL.ROI_HEADS.NUM_CLASSES"),
     (dict(rotation="lifo"), "MODEL.OOD.QUEUE_ROTATION"),
+    (dict(sync="broadcast"), "MODEL.OOD.QUEUE_SYNC"),
 ])
 def test_bad_config_names_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -210,12 +216,85 @@ def test_dtype_cast_keeps_float64_statistics():
     torch.testing.assert_close(syn.class_means(), means, rtol=0, atol=1e-9)
 
 
+def test_host_counts_follow_every_change_of_the_buffers():
+    """The counts and write pointers are read on the host without asking the device; a change that is
+    not a write (a checkpoint load, an in-place edit) must still be seen."""
+    full = _filled(K=2, D=3, Q=4, N=5, S=1)
+    syn = VirtualOutlierSynthesizer(2, 3, queue_size=4, start_iter=0, num_candidates=5)
+    assert not syn.is_full()
+    syn.load_state_dict(full.state_dict())
+    assert syn.is_full()
+    torch.testing.assert_close(syn.class_means(), _exact_stats(full)[0], rtol=0, atol=1e-12)
+    with torch.no_grad():
+        syn.queue_count[1] = 2  # class 1 holds its first 2 features only
+        syn.queue_ptr[1] = 2
+    assert not syn.is_full()
+    with pytest.raises(RuntimeError, match="full"):
+        syn.sample()
+    syn.enqueue(torch.full((2, 3), 7.0), torch.tensor([1, 1]))  # fills slots 2 and 3, evicts nothing
+    assert syn.is_full() and syn.queue_count.tolist() == [4, 4] and syn.queue_ptr.tolist() == [0, 0]
+    assert torch.equal(syn.queue[1, 2:], torch.full((2, 3), 7.0))
+
+
 # ---------------------------------------------------------------- exact sampling
 @pytest.mark.parametrize("dof", [1, 2, 4, 1024])
 def test_chi2_isf_matches_scipy(dof):
     q = torch.tensor([0.9, 0.5, 1e-2, 1e-4, 1e-8, 1e-30], dtype=torch.float64)
     torch.testing.assert_close(chi2_isf(q, dof), torch.from_numpy(scipy.stats.chi2.isf(q.numpy(), dof)),
                                rtol=1e-9, atol=0)
+
+
+def _chi2_isf_reference(q, dof, max_iter=60, rtol=1e-12):
+    """chi2_isf as first written: both tails computed for every element, merged by torch.where."""
+    q = q.to(torch.float64).clamp(min=torch.finfo(torch.float64).tiny, max=1.0)
+    a = torch.tensor(dof / 2.0, dtype=torch.float64)
+    upper = q <= 0.5
+    log_target = torch.where(upper, q, 1.0 - q).log()
+    lo, hi = _chi2_bracket(q, dof)
+    x = _wilson_hilferty(q, dof).clamp(min=lo, max=hi)
+    log_norm = a * math.log(2.0) + torch.lgamma(a)
+    for _ in range(max_iter):
+        tail = torch.where(upper, torch.special.gammaincc(a, x / 2), torch.special.gammainc(a, x / 2))
+        h = tail.log() - log_target
+        left, right = torch.where(upper, h > 0, h < 0), torch.where(upper, h < 0, h > 0)
+        lo, hi = torch.where(left, x, lo), torch.where(right, x, hi)
+        log_pdf = (a - 1) * x.log() - x / 2 - log_norm
+        step = h * (tail.log() - log_pdf).exp()
+        x_new = torch.where(upper, x + step, x * torch.exp(-step / x))
+        bad = ~torch.isfinite(x_new) | (x_new < lo) | (x_new > hi)
+        x_new = torch.where(bad, (lo + hi) / 2, x_new)
+        done = bool(((x_new - x).abs() <= rtol * x_new.abs()).all())
+        x = x_new
+        if done:
+            break
+    return x
+
+
+@pytest.mark.parametrize("dof", [1, 3, 1024])
+@pytest.mark.parametrize("tails", ["upper", "lower", "both"])
+def test_chi2_isf_gives_the_same_bits_as_both_tails_merged(dof, tails):
+    """Computing only the tail in use changes no bit of the quantiles."""
+    u = torch.rand(300, generator=torch.Generator().manual_seed(dof), dtype=torch.float64)
+    q = {"upper": u * 0.5, "lower": 0.5 + u * 0.5, "both": u}[tails]
+    q = torch.cat([q, torch.tensor([1e-300, 1.0, 0.5])]) if tails == "both" else q
+    assert torch.equal(chi2_isf(q, dof), _chi2_isf_reference(q, dof))
+
+
+def test_sample_is_the_exact_formula_for_a_seed():
+    """One draw, by hand from the same generator: radii of the order statistics, uniform directions,
+    through the Cholesky factor of the pooled covariance, around the class means."""
+    K, D, N, S = 3, 4, 50, 2
+    syn = _filled(K, D, Q=20, N=N, S=S, seed=11)
+    feats, labels = syn.sample(torch.Generator().manual_seed(12))
+    g = torch.Generator().manual_seed(12)
+    radii = top_chi_radii(N, S, D, K, g)
+    steps = radii[..., None] * random_unit_vectors((K, S), D, g)
+    factor = torch.linalg.cholesky(_exact_stats(syn)[1])
+    want = (syn.class_means()[:, None, :] + steps @ factor.t()).reshape(K * S, D).float()
+    torch.testing.assert_close(feats, want, rtol=1e-6, atol=1e-6)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    again = syn.sample(torch.Generator().manual_seed(12))[0]
+    assert torch.equal(feats, again)
 
 
 def test_radii_are_the_order_statistics_of_n_exactly():
@@ -320,3 +399,27 @@ def test_distributed_ranks_hold_identical_gathered_queues(tmp_path):
     assert reference.queue_count.tolist() == [3, 3]  # both full, class 0 wrapped around
     for name in ("queue", "queue_count", "queue_ptr"):
         assert torch.equal(states[0][name], getattr(reference, name)), name
+
+
+def _local_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        syn = _synth(K=2, D=3, Q=3, sync="local")
+        batches = _rank_batches(rank)
+        for feats, labels in batches[: 2 - rank]:  # rank 1 enqueues once only: nobody waits for it
+            syn.enqueue(feats, labels)
+        torch.save(syn.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_queues_hold_each_process_own_features(tmp_path):
+    mp.spawn(_local_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        reference = _synth(K=2, D=3, Q=3)  # one process, this rank's batches only
+        for feats, labels in _rank_batches(rank)[: 2 - rank]:
+            reference.enqueue(feats, labels)
+        for name in ("queue", "queue_count", "queue_ptr"):
+            assert torch.equal(state[name], getattr(reference, name)), (rank, name)

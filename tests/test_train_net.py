@@ -33,7 +33,7 @@ FAST = [
     "DATASETS.OOD_TEST", "('tiny_ood', 'tiny_ood_far')",
 ]
 RESULT_KEYS = {"id_test_set", "map", "calibration", "conf_thresholds", "rows", "plots", "score_files",
-               "unreadable_images"}
+               "record_file", "unreadable_images"}
 ROW_KEYS = {"ood_set", "protocol", "score", "conf_threshold", "fpr95", "auroc", "aupr_in", "aupr_out", "num_id",
             "num_ood"}
 SCORES = ("energy", "msp", "representation", "combined")
@@ -127,6 +127,27 @@ def test_json_metrics_equal_a_recomputation_from_the_saved_scores(trained):
         checked += 1
     assert checked >= 8  # every clean-protocol row at least
     assert {r["conf_threshold"] for r in results["rows"] if r["protocol"] == "clean"} == {cal["conf_threshold"]}
+
+
+def test_record_alone_gives_back_every_row(trained):
+    """ood_record.npz (no model, no dataset) recomputes every row of ood_results.json, open-set
+    metrics included, and holds only the boxes some protocol keeps."""
+    from ood_det.evaluation.record import SEP, load_record, recompute_rows
+
+    out, _ = trained
+    results = json.loads((out / "ood_results.json").read_text())
+    meta, arrays = load_record(out / results["record_file"])
+    recomputed = recompute_rows(meta, arrays)
+    assert [(r["ood_set"], r["protocol"], r["score"]) for r in recomputed] == \
+        [(r["ood_set"], r["protocol"], r["score"]) for r in results["rows"]]
+    assert any("unknown_recall" in r for r in recomputed)
+    for mine, theirs in zip(recomputed, results["rows"]):
+        assert set(mine) == set(theirs)
+        for key, value in theirs.items():
+            assert mine[key] == (pytest.approx(value, abs=1e-12) if isinstance(value, float) else value), key
+    floor = min(results["conf_thresholds"].values())
+    full = np.load(out / "ood_scores_tiny_ood.npz")
+    assert len(arrays[f"tiny_ood{SEP}conf"]) == int((full["scores"] >= floor).sum()) < len(full["scores"])
 
 
 def test_eval_only_prints_bbox_ap_and_ood_table(trained, data_root):

@@ -9,7 +9,8 @@
 
 Every (method, seed) trains ``<prefix><method><suffix>.yaml`` in its own tools/train_net.py run
 under ``--output`` (default output/benchmark). The results go to ``--results-dir``:
-``<prefix>benchmark.json`` (every number), ``.md`` (the tables) and ``.png`` (FPR95 / AUROC).
+``<prefix>benchmark.json`` (every number), ``.md`` (the tables), ``.png`` (FPR95 / AUROC) and
+``_unknowns.png`` (per method and OOD set: the OOD objects flagged / boxed as a known class / missed).
 The full benchmark's default is docs/results, the committed files; every other run (--quick,
 --validation, a scaled schedule, a skipped part) defaults to --output, so that it never
 overwrites them. The library is ``ood_det.benchmark``; its modules document the details.
@@ -131,6 +132,8 @@ def run(args):
     failed = [] if quality_plan is None else run_quality(args, quality_plan, result, out, start)
     if cost is not None:
         result["cost"] = B.run_cost(cost, device, args.cost_config, args.cost_scale)
+    if quality_plan is not None:
+        B.collect_records(result, out, folder, f"{args.config_prefix}benchmark")
     B.finish_result(result, time.perf_counter() - start, complete=not failed)
     print(B.write_results(result, folder, f"{args.config_prefix}benchmark"))
     print(f"[benchmark] results in {folder}: {', '.join(f for f in result['files'].values() if f)}")

@@ -8,7 +8,16 @@ and what the OOD head costs. ``tools/benchmark.py`` is its command line.
 - :mod:`.provenance`: commit, machine and command of a result.
 """
 from .cost import COST_PRESETS, cost_settings, resolve_device, run_cost
-from .report import add_quality, file_names, finish_result, markdown, new_result, write_json, write_results
+from .report import (
+    add_quality,
+    collect_records,
+    file_names,
+    finish_result,
+    markdown,
+    new_result,
+    write_json,
+    write_results,
+)
 from .runs import (
     DEFAULT_SEEDS,
     METHODS,
@@ -24,8 +33,8 @@ from .stats import aggregate, comparisons, t_interval, t_quantile
 
 __all__ = [
     "COST_PRESETS", "DEFAULT_SEEDS", "METHODS", "QUICK_SCALE", "VALIDATION_OPTS",
-    "add_quality", "aggregate", "comparisons", "cost_settings", "failed_runs", "file_names", "finish_result",
-    "markdown",
+    "add_quality", "aggregate", "collect_records", "comparisons", "cost_settings", "failed_runs", "file_names",
+    "finish_result", "markdown",
     "new_result", "plan_quality", "prepare_datasets", "resolve_device", "run_cost", "run_quality",
     "scale_schedule", "t_interval", "t_quantile", "write_json", "write_results",
 ]

@@ -9,7 +9,11 @@ Top-level keys of the JSON: ``command``, ``commit`` (``git rev-parse HEAD``), ``
 ``settings`` (``quality``: the plan), ``seeds``, ``configured_score`` (method -> score),
 ``rows`` (:func:`ood_det.benchmark.stats.aggregate`), ``comparisons``
 (:func:`ood_det.benchmark.stats.comparisons`), ``runs`` (one record per method x seed),
-``cost`` (:func:`ood_det.benchmark.cost.run_cost`, or None) and ``files``.
+``cost`` (:func:`ood_det.benchmark.cost.run_cost`, or None) and ``files``. Each finished run
+names its evaluation ``record`` (:func:`collect_records`), from which its rows recompute.
+
+Beside the chart of FPR95 / AUROC, a second picture, ``<stem>_unknowns.png``, stacks what becomes
+of each OOD set's objects per method (flagged unknown / boxed as a known class / missed).
 """
 import json
 from pathlib import Path
@@ -18,7 +22,8 @@ import numpy as np
 
 from ..env_info import describe as describe_versions
 from ..evaluation.metrics import format_metrics_table
-from ..palette import OKABE_ITO
+from ..evaluation.record import RECORD_FILE
+from ..palette import BLUISH_GREEN, OKABE_ITO, SKY_BLUE, VERMILLION
 from ..utils import atomic_write
 from . import stats
 from .provenance import commit_info, display_command, machine_info, now
@@ -29,7 +34,13 @@ HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
 #: What the synthetic benchmark's OOD test sets stand for (DESIGN.md, "The synthetic benchmark").
 OOD_SET_KINDS = {"shapes_ood": "near", "shapes_ood_far": "far"}
 METRIC_TITLES = {"fpr95": "FPR95 (pts)", stats.REL_REDUCTION: "FPR95 relative reduction (%)",
-                 "auroc": "AUROC (pts)", "ap": "AP (pts)"}
+                 "auroc": "AUROC (pts)", "ap": "AP (pts)", "unknown_recall": "U-Recall (pts)",
+                 "aose": "AOSE (objects)", "missed_unknown": "missed unknowns (pts)", "wi": "WI (pts)",
+                 "ap_unknown": "AP-unknown (pts)"}
+#: The stacked bar's parts: (mean key, label, colour, hatch); flagged + mislabelled + missed = 100%.
+UNKNOWN_PARTS = (("unknown_recall", "flagged unknown (U-Recall)", BLUISH_GREEN, ""),
+                 ("mislabelled_unknown", "boxed as a known class (AOSE)", VERMILLION, "//"),
+                 ("missed_unknown", "missed (no kept box)", SKY_BLUE, ".."))
 PROTOCOL_NOTES = {
     "clean": "detection-confidence threshold calibrated on in-distribution validation data",
     "published": "threshold chosen on the in-distribution TEST set, as VOS did; compares with the literature",
@@ -38,7 +49,8 @@ PROTOCOL_NOTES = {
 
 def file_names(stem):
     """JSON, markdown and chart names of one benchmark (``<config prefix>benchmark``)."""
-    return {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png"}
+    return {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png",
+            "unknowns_chart": f"{stem}_unknowns.png"}
 
 
 def new_result(device, argv=None):
@@ -95,6 +107,43 @@ def _quality_table(rows):
                                 titles=QUALITY_TITLES)
 
 
+def unknown_rows(rows):
+    """The aggregated rows that carry open-set metrics: clean protocol, each method's configured score."""
+    return [r for r in rows if r["protocol"] in stats.OPENSET_PROTOCOLS and r["configured"]
+            and r.get("unknown_recall_mean") is not None]
+
+
+UNKNOWN_COLUMNS = ["method", "score", "ood_set", "unknown_recall", "mislabelled_unknown", "missed_unknown", "aose",
+                   "wi", "ap_unknown", "seeds"]
+UNKNOWN_TITLES = {"ood_set": "OOD set", "unknown_recall": "U-Recall (%)", "mislabelled_unknown": "mislabelled (%)",
+                  "missed_unknown": "missed (%)", "aose": "AOSE (objects)", "wi": "WI@0.8 (%)",
+                  "ap_unknown": "AP-unknown (%)"}
+
+
+def _unknown_cell(row, key):
+    cell = _pm(row.get(f"{key}_mean"), row.get(f"{key}_std"), 1 if key == "aose" else 2)
+    n = row.get(f"{key}_n")
+    return cell + (f" (n={n})" if n and n != row["n_seeds"] else "")
+
+
+def _unknown_table(rows):
+    table = [{"method": r["method"], "score": r["score"], "ood_set": _set_name(r["ood_set"]),
+              **{k: _unknown_cell(r, k) for k in UNKNOWN_COLUMNS[3:-1]}, "seeds": str(r["n_seeds"])} for r in rows]
+    return format_metrics_table(table, columns=UNKNOWN_COLUMNS, percent=(), titles=UNKNOWN_TITLES)
+
+
+def _unknown_lines(rows):
+    found = unknown_rows(rows)
+    if not found:
+        return []
+    return ["### Unknown objects: clean protocol, each method's configured score", "",
+            "What becomes of each OOD set's ground-truth objects (ood_det.evaluation.openset): flagged unknown "
+            "(U-Recall), boxed as a known class (mislabelled; AOSE = their number) or missed by every kept box; "
+            "WI = Wilderness Impact at in-distribution recall 0.8 (over the n seeds that reached that recall); "
+            "AP-unknown = AP (IoU 0.50:0.95) of the flagged boxes as one class.", "",
+            _unknown_table(found), ""]
+
+
 def _verdict(c):
     if c["significant"] is None:
         return f"n = {c['n_seeds']}: no interval"
@@ -148,6 +197,7 @@ def quality_markdown(result):
         f"Configured scores: {', '.join(f'{m} {s}' for m, s in result['configured_score'].items())}; "
         f"{PROTOCOL_NOTES['clean']}.", "",
         _quality_table([r for r in rows if r["protocol"] == "clean" and r["configured"]]), "",
+        *_unknown_lines(rows),
         "### Targets (clean protocol; met only when the whole 95% interval is on the goal's side)", "",
         *(_targets_lines(comps) or ["No goal applies to these methods and OOD sets."]), "",
     ]
@@ -316,23 +366,91 @@ def plot_chart(rows, path, num_seeds):
     plt.close(fig)
 
 
+def plot_unknowns(rows, path, num_seeds):
+    """One stacked bar per OOD set x method (rows of :func:`unknown_rows`): the mean shares of the
+    set's objects flagged unknown, boxed as a known class and missed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    sets = list(dict.fromkeys(r["ood_set"] for r in rows))
+    by_key = {(r["method"], r["ood_set"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(2.0 + 1.2 * len(rows) + 0.6 * len(sets), 5.0))
+    under_axis = blended_transform_factory(ax.transData, ax.transAxes)
+    x, ticks = 0.0, []
+    for ood_set in sets:
+        first = x
+        for method in [m for m in methods if (m, ood_set) in by_key]:
+            row, bottom = by_key[(method, ood_set)], 0.0
+            for key, label, colour, hatch in UNKNOWN_PARTS:
+                share = row.get(f"{key}_mean") or 0.0
+                ax.bar(x, share, 0.75, bottom=bottom, color=colour, hatch=hatch, edgecolor="black", linewidth=0.6,
+                       label=label if not ticks else None)
+                if share >= 5.0:  # smaller parts have no room for a number
+                    ax.text(x, bottom + share / 2, f"{share:.1f}", ha="center", va="center", fontsize=8,
+                            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
+                bottom += share
+            ticks.append((x, f"{method}\n({row['score']})"))
+            x += 1.0
+        # Which OOD set a group of bars shows, under the methods' names.
+        ax.text((first + x - 1.0) / 2, -0.17, _set_name(ood_set), transform=under_axis, ha="center", va="top",
+                fontsize=9, fontweight="bold")
+        x += 0.6
+    ax.set_xticks([p for p, _ in ticks])
+    ax.set_xticklabels([t for _, t in ticks], fontsize=8)
+    ax.set_xlim(-0.6, x - 1.0)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("share of the OOD set's objects (%)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(UNKNOWN_PARTS), frameon=False)
+    ax.set_title(f"What becomes of the unknown objects\nclean protocol, mean over {num_seeds} seed(s)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- files
 def write_json(result, path):
     """The result as JSON, atomically (also the progress file while runs go on)."""
     atomic_write(path, lambda f: json.dump(result, f, indent=2))
 
 
+def records_dir(stem):
+    """Folder of the runs' evaluation records, beside the JSON."""
+    return f"{stem}_records"
+
+
+def collect_records(result, out_root, folder, stem):
+    """Copy each finished run's evaluation record (``ood_det.evaluation.record``: its kept boxes' id
+    scores, decisions and ground truth, enough to recompute its rows) next to the results, as
+    ``<stem>_records/<method>_seed<s>.npz``, and name it in the run (``record``, relative to the
+    results folder)."""
+    for run in result["runs"]:
+        src = Path(out_root) / run.get("output_dir", "") / RECORD_FILE
+        if run.get("returncode") != 0 or not src.is_file():
+            continue
+        rel = f"{records_dir(stem)}/{run['method']}_seed{run['seed']}.npz"
+        data = src.read_bytes()
+        atomic_write(Path(folder) / rel, lambda f: f.write(data), binary=True)
+        run["record"] = rel
+
+
 def write_results(result, folder, stem):
-    """The JSON, the markdown and (when there are quality rows) the chart into ``folder``.
+    """The JSON, the markdown and (when there are quality rows) the charts into ``folder``.
 
     Returns:
         The markdown text.
     """
     folder, names = Path(folder), file_names(stem)
-    result["files"] = {"json": names["json"], "markdown": names["markdown"], "chart": None}
+    result["files"] = {"json": names["json"], "markdown": names["markdown"], "chart": None, "unknowns_chart": None}
     if result["rows"]:
         plot_chart(result["rows"], folder / names["chart"], len(result["seeds"]))
         result["files"]["chart"] = names["chart"]
+    if unknown_rows(result["rows"]):
+        plot_unknowns(unknown_rows(result["rows"]), folder / names["unknowns_chart"], len(result["seeds"]))
+        result["files"]["unknowns_chart"] = names["unknowns_chart"]
     write_json(result, folder / names["json"])
     text = markdown(result)
     atomic_write(folder / names["markdown"], lambda f: f.write(text))

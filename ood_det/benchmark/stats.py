@@ -5,8 +5,11 @@ seeds excludes zero (DESIGN.md, "Evaluation protocol"). Pairing by seed (same se
 removes the seed-to-seed spread both methods share, so fewer seeds show a real difference.
 
 Units: OOD metrics arrive as fractions and leave in % (differences in % points); COCO AP
-arrives in % already. A relative FPR95 reduction, ``1 - FPR95_method / FPR95_baseline``, is
-taken per seed and reported in %.
+arrives in % already; AOSE is a count of objects and stays one. A relative FPR95 reduction,
+``1 - FPR95_method / FPR95_baseline``, is taken per seed and reported in %.
+
+Open-set metrics (``ood_det.evaluation.openset``) exist in a run's clean row of its configured
+score only; they are compared on that protocol, where both methods' runs have them.
 
 The Student t quantile is computed here (regularized incomplete beta, bisection) so that the
 benchmark needs no scipy at run time; the tests check it against scipy.
@@ -26,6 +29,13 @@ COMPARED_METRICS = ("fpr95", REL_REDUCTION, "auroc", "ap")
 #: Per-row OOD metrics (fractions in the run files) and the run's COCO AP keys (in %).
 ROW_METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 MAP_METRICS = {"ap": "AP", "ap50": "AP50", "ap75": "AP75"}
+#: What becomes of the OOD objects, compared like the metrics above (on OPENSET_PROTOCOLS).
+OPENSET_METRICS = ("unknown_recall", "aose", "missed_unknown", "wi", "ap_unknown")
+OPENSET_PROTOCOLS = ("clean",)
+#: Aggregated for the report's stacked bar: flagged + mislabelled + missed = 100%.
+BAR_METRICS = ("mislabelled_unknown",)
+#: Row metrics that are counts, not fractions: no conversion to %.
+COUNT_METRICS = ("aose",)
 PROTOCOL_ORDER = ("clean", "published")
 #: Goals are judged on the project's own protocol only; published-protocol rows carry none.
 TARGET_PROTOCOLS = ("clean",)
@@ -177,7 +187,8 @@ def seed_values(runs, method, score, ood_set, protocol, metric):
             value = (run.get("map") or {}).get(MAP_METRICS[metric])
         else:
             row = _find_row(run, score, ood_set, protocol)
-            value = None if row is None or row.get(metric) is None else 100.0 * float(row[metric])
+            unit = 1.0 if metric in COUNT_METRICS else 100.0
+            value = None if row is None or row.get(metric) is None else unit * float(row[metric])
         if _finite(value):
             out[run["seed"]] = float(value)
     return out
@@ -216,10 +227,12 @@ def aggregate(runs, configured):
                        and _find_row(r, score, ood_set, protocol) is not None)
         row = {"method": method, "score": score, "ood_set": ood_set, "protocol": protocol,
                "configured": score == configured.get(method), "seeds": seeds, "n_seeds": len(seeds)}
-        for metric in (*ROW_METRICS, *MAP_METRICS):
+        for metric in (*ROW_METRICS, *OPENSET_METRICS, *BAR_METRICS, *MAP_METRICS):
             values = seed_values(runs, method, score, ood_set, protocol, metric)
-            mean, sd, _ = mean_sd(values[s] for s in seeds if s in values)
+            mean, sd, n = mean_sd(values[s] for s in seeds if s in values)
             row.update({f"{metric}_mean": mean, f"{metric}_std": sd})
+            if metric in OPENSET_METRICS:  # e.g. WI: a run that never reaches recall 0.8 has none
+                row[f"{metric}_n"] = n
         out.append(row)
     return out
 
@@ -253,13 +266,19 @@ def compare(runs, method, baseline, configured, ood_set, protocol, metric):
     }
 
 
+def _compared_metrics(protocol):
+    return (*COMPARED_METRICS, *(OPENSET_METRICS if protocol in OPENSET_PROTOCOLS else ()))
+
+
 def comparisons(runs, configured):
     """Every comparison of :data:`COMPARISONS` whose two methods both have finished runs, per
-    protocol, OOD set and metric of :data:`COMPARED_METRICS`."""
+    protocol, OOD set and metric of :data:`COMPARED_METRICS`; on :data:`OPENSET_PROTOCOLS` also
+    those of :data:`OPENSET_METRICS` that both methods' runs have (runs of older versions do not)."""
     groups = _groups(runs)
     methods = {g[0] for g in groups}
     sets = _ranked(g[2] for g in groups)
     protocols = _ranked((g[3] for g in groups), PROTOCOL_ORDER)
-    return [compare(runs, m, b, configured, s, p, metric)
-            for p in protocols for m, b in COMPARISONS if {m, b} <= methods and {m, b} <= set(configured)
-            for s in sets for metric in COMPARED_METRICS]
+    found = [compare(runs, m, b, configured, s, p, metric)
+             for p in protocols for m, b in COMPARISONS if {m, b} <= methods and {m, b} <= set(configured)
+             for s in sets for metric in _compared_metrics(p)]
+    return [c for c in found if c["metric"] not in OPENSET_METRICS or c["n_seeds"]]

@@ -18,18 +18,25 @@ applied. An image over ``--max-pixels`` is refused before it is decoded.
 
 Outputs (in ``--output``)
 -------------------------
-- ``<image name>.png`` (``.jpg`` for JPEG inputs), of the input's size, with
-  every box whose confidence is at least ``--min-confidence``: in-distribution
-  boxes in a solid line, coloured by class, labelled "<class> <confidence %>";
-  OOD boxes in a thicker dashed vermillion line,
-  labelled "unknown <ood score>". Colours are from the Okabe-Ito palette,
-  readable with colour-vision deficiencies; line style tells OOD apart too.
+- ``<image name>.png`` (``.jpg`` for JPEG inputs) with every box whose
+  confidence is at least ``--min-confidence``: in-distribution boxes in a
+  solid line, coloured by class, labelled "<class> <confidence %>"; OOD boxes
+  in a thicker dashed vermillion line, labelled "unknown <ood score>". Colours
+  are from the Okabe-Ito palette, readable with colour-vision deficiencies;
+  line style tells OOD apart too. An image smaller than ``--display-size``
+  (default 512 px on the longer side) is enlarged by a whole factor, each
+  pixel copied (nearest neighbour: sharp, nothing smoothed away or made up),
+  to about that size; a larger one keeps its size. Text and lines are sized
+  for the picture. Each label goes where it hides the least of the boxes and
+  of the labels already placed, the most confident box's first
+  (``place_labels``).
 - ``predictions.jsonl``: one JSON object per box with the keys of
   ``JSON_KEYS``, named as the fields of the model's boxes: ``image`` (the input
-  path), ``pred_boxes`` (XYXY, input pixels), ``pred_classes`` (index) and
-  ``class_name``, ``scores`` (detection confidence), ``energy``, ``msp``,
-  ``rep_score`` (null for models without class centers), ``ood_score`` (higher
-  = more OOD) and ``is_ood``. An image without boxes has no line.
+  path), ``pred_boxes`` (XYXY, in the input's pixels whatever the picture's
+  size), ``pred_classes`` (index) and ``class_name``, ``scores`` (detection
+  confidence), ``energy``, ``msp``, ``rep_score`` (null for models without
+  class centers), ``ood_score`` (higher = more OOD) and ``is_ood``. An image
+  without boxes has no line.
 
 ``--min-confidence`` defaults to the detection-confidence threshold stored
 at calibration, the one under which the OOD threshold was chosen (the
@@ -64,6 +71,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -80,6 +88,12 @@ SCORE_FIELDS = ("scores", "energy", "msp", "rep_score", "ood_score")
 JSON_KEYS = ("image", "pred_boxes", "pred_classes", "class_name", *SCORE_FIELDS, "is_ood")
 PREDICTIONS = "predictions.jsonl"
 DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_DISPLAY_SIZE = 512
+DPI = 100
+PT_PER_PX = 72 / DPI
+MIN_FONT_PX = 12
+# A label over another label costs this many times its area over a box.
+LABEL_OVERLAP_WEIGHT = 4.0
 
 # In-distribution classes cycle through these; vermillion is kept for "unknown" (orange, too
 # close to it, is left out).
@@ -182,44 +196,119 @@ def _num(x):
     return round(x, 6) if x is not None and np.isfinite(x) else None
 
 
-def draw_boxes(rgb, records, class_names):
-    """The (H, W, 3) RGB picture of ``rgb`` with the boxes of ``records`` drawn on it.
+def display_scale(height, width, display_size):
+    """Integer factor that brings the longer side of a ``height`` x ``width`` image to about
+    ``display_size`` pixels; 1 (the input's size) for larger images or ``display_size`` 0.
 
-    Same drawing as detectron2's Visualizer (matplotlib, its font and line sizes), which
-    cannot be used as such: its module imports OpenCV, not a dependency of ood_det.
+    An integer factor with nearest-neighbour copies makes each input pixel an exact square:
+    nothing is blurred or invented, and a box maps to the picture by one multiplication.
     """
+    if display_size <= 0:
+        return 1
+    return max(1, round(display_size / max(height, width)))
+
+
+def place_labels(boxes, sizes, image_size):
+    """Where each box's label goes, chosen greedily in the order given (most confident first).
+
+    Args:
+        boxes: (x0, y0, x1, y1) per box, in picture pixels.
+        sizes: (width, height) of each box's label.
+        image_size: (width, height) of the picture.
+
+    Returns:
+        (x0, y0, x1, y1) of each label, inside the picture: of its candidate places
+        (``_label_candidates``), the one covering the least area of the boxes (its own
+        included: the object is inside it) and of the labels placed before it.
+    """
+    width, height = image_size
+    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    placed = np.zeros((0, 4))
+    for box, (w, h) in zip(box_array, sizes):
+        best_cost, best = np.inf, None
+        for x, y in _label_candidates(box, w, h):
+            x, y = min(max(x, 0.0), max(width - w, 0.0)), min(max(y, 0.0), max(height - h, 0.0))
+            rect = np.array([x, y, x + w, y + h])
+            # Text over text is unreadable: label overlaps weigh more than box overlaps.
+            cost = _overlap(rect, box_array).sum() + LABEL_OVERLAP_WEIGHT * _overlap(rect, placed).sum()
+            if cost < best_cost:  # strict: on a tie the earlier, more usual place wins
+                best_cost, best = cost, rect
+        placed = np.vstack([placed, best])
+    return [tuple(float(v) for v in rect) for rect in placed]
+
+
+def _label_candidates(box, w, h):
+    """Label corners in order of preference: outside above the box, outside below it (flush with
+    its left, then right side), beside it (left, right; at its top, then bottom), inside along its
+    top, inside along its bottom (left, then right)."""
+    x0, y0, x1, y1 = box
+    flush, beside, inside = (x0, x1 - w), (x0 - w, x1), (y0, y1 - h)
+    return ([(x, y) for y in (y0 - h, y1) for x in flush] + [(x, y) for y in inside for x in beside]
+            + [(x, y) for y in inside for x in flush])
+
+
+def _overlap(rect, rects):
+    """Area of ``rect`` inside each of ``rects`` (N x 4, XYXY)."""
+    w = np.minimum(rect[2], rects[:, 2]) - np.maximum(rect[0], rects[:, 0])
+    h = np.minimum(rect[3], rects[:, 3]) - np.maximum(rect[1], rects[:, 1])
+    return w.clip(min=0) * h.clip(min=0)
+
+
+def draw_boxes(rgb, records, scale=1):
+    """The RGB picture of ``rgb`` enlarged ``scale`` times, with the boxes of ``records``
+    (input pixels) drawn on it and their labels where they hide the least (``place_labels``).
+    """
+    if scale > 1:
+        rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     height, width = rgb.shape[:2]
-    dpi = 100
-    fig = Figure(frameon=False, dpi=dpi)
-    # +1e-2 keeps the canvas from rounding down to one pixel less (as detectron2's VisImage).
-    fig.set_size_inches((width + 1e-2) / dpi, (height + 1e-2) / dpi)
+    fig = Figure(frameon=False, dpi=DPI)
+    # +1e-2 keeps the canvas from rounding down to one pixel less.
+    fig.set_size_inches((width + 1e-2) / DPI, (height + 1e-2) / DPI)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.axis("off")
     ax.imshow(rgb, extent=(0, width, height, 0), interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    font = max(np.sqrt(height * width) // 90, 10) * 72 / dpi  # detectron2's size, in points
-    line = max(font / 4, 1.0)
-    for r in sorted(records, key=lambda r: (r["is_ood"], r["scores"] or 0)):  # unknown, confident on top
-        x0, y0, x1, y1 = r["pred_boxes"]
-        if r["is_ood"]:
-            colour, style, lw, label = UNKNOWN_COLOUR, "--", 2 * line, f"unknown {r['ood_score']:.2f}"
-        else:
-            colour = CLASS_COLOURS[r["pred_classes"] % len(CLASS_COLOURS)]
-            style, lw, label = "-", line, f"{r['class_name']} {100 * r['scores']:.0f}%"
-        ax.add_patch(
-            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=lw, linestyle=style)
-        )
-        right = x0 > 0.6 * width
-        ax.text(
-            x1 if right else x0, y0, label, size=font, family="sans-serif", color=_text_colour(colour),
-            ha="right" if right else "left", va="bottom" if y0 > 2 * font else "top",
-            bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.7, "edgecolor": "none"},
-        )
+    # Sizes follow the picture, not the input: at 512 px, text about 13 px high and 2 px lines.
+    font_px = max(MIN_FONT_PX, np.sqrt(height * width) / 40)
+    line_px = max(1.0, font_px / 6)
+    looks = [_look(r, line_px) for r in records]
+    boxes = [[v * scale for v in r["pred_boxes"]] for r in records]
+    for i in sorted(range(len(records)), key=lambda i: (records[i]["is_ood"], records[i]["scores"] or 0)):
+        (x0, y0, x1, y1), (colour, style, lw, _) = boxes[i], looks[i]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                               linewidth=lw * PT_PER_PX, linestyle=style))
+    confidences = [r["scores"] or 0 for r in records]
+    _draw_labels(ax, canvas.get_renderer(), (width, height), boxes, looks, confidences, font_px)
     canvas.draw()
     buffer, (w, h) = canvas.print_to_buffer()
     return np.frombuffer(buffer, dtype=np.uint8).reshape(h, w, 4)[:height, :width, :3]
+
+
+def _look(record, line_px):
+    """(colour, line style, line width in pixels, label) of a box."""
+    if record["is_ood"]:
+        return UNKNOWN_COLOUR, "--", 2 * line_px, f"unknown {record['ood_score']:.2f}"
+    colour = CLASS_COLOURS[record["pred_classes"] % len(CLASS_COLOURS)]
+    return colour, "-", line_px, f"{record['class_name']} {100 * record['scores']:.0f}%"
+
+
+def _draw_labels(ax, renderer, image_size, boxes, looks, confidences, font_px):
+    font = FontProperties(family="sans-serif", size=font_px * PT_PER_PX)
+    # One height for every label (that of a line with ascenders and descenders), so they line up.
+    _, text_h, descent = renderer.get_text_width_height_descent("Ag%", font, ismath=False)
+    pad_x, pad_y = 0.3 * font_px, 0.15 * font_px
+    widths = [renderer.get_text_width_height_descent(look[3], font, ismath=False)[0] for look in looks]
+    order = sorted(range(len(boxes)), key=lambda i: -confidences[i])
+    sizes = [(widths[i] + 2 * pad_x, text_h + 2 * pad_y) for i in order]
+    rects = place_labels([boxes[i] for i in order], sizes, image_size)
+    # Above the boxes, the more confident above the less where two labels could not be kept apart.
+    for rank, (i, (x0, y0, x1, y1)) in enumerate(zip(order, rects)):
+        colour, label, z = looks[i][0], looks[i][3], 2 * (len(order) - rank) + 2
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.85, edgecolor="none", zorder=z))
+        ax.text(x0 + pad_x, y1 - pad_y - descent, label, fontproperties=font, color=_text_colour(colour),
+                ha="left", va="baseline", zorder=z + 1)
 
 
 def _text_colour(hex_colour):
@@ -256,6 +345,9 @@ def parse_args(argv=None):
                         "(default: the calibrated confidence threshold, else 0)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--display-size", type=int, default=DEFAULT_DISPLAY_SIZE, metavar="PIXELS",
+                        help="enlarge smaller pictures by a whole factor to about this longer side "
+                        f"(default {DEFAULT_DISPLAY_SIZE}; 0: the input's size); larger ones keep their size")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE", help="overrides")
     parser.add_argument("trailing_opts", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -269,6 +361,8 @@ def parse_args(argv=None):
         parser.error("--input needs at least one path")
     if args.batch_size < 1 or args.max_pixels < 1:
         parser.error("--batch-size and --max-pixels must be >= 1")
+    if args.display_size < 0:
+        parser.error("--display-size must be >= 0 (0 keeps the input's size)")
     return args
 
 
@@ -311,7 +405,8 @@ def process(predictor, paths, out_dir, args, jsonl, report):
                 try:
                     instances = instances[instances.scores >= args.min_confidence]
                     rows = box_records(path, instances, predictor.class_names)
-                    save_picture(draw_boxes(rgb, rows, predictor.class_names), out_dir / picture_name(path, taken))
+                    scale = display_scale(*rgb.shape[:2], args.display_size)
+                    save_picture(draw_boxes(rgb, rows, scale), out_dir / picture_name(path, taken))
                 except (OSError, ValueError) as e:
                     report(path, f"cannot write its picture ({one_line(e, 300)})")
                 else:

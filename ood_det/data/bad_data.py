@@ -8,9 +8,11 @@
   degenerate (zero or negative width or height, not finite) or out of the
   image, or whose category id is not one of the model's classes.
 - :class:`CheckedDatasetMapper` with :class:`SkipBadImages`, while training:
-  an image that cannot be decoded (or whose size differs from the one in its
-  annotations) is replaced by the next readable image, deterministically. This
-  runs inside the data-loader workers, so each worker warns once per file.
+  an image that cannot be decoded, or whose size (as detectron2 reads it, turned
+  by its EXIF orientation) differs from the one in its annotations, is replaced
+  by the next readable image, deterministically. The two are named apart: a size
+  mismatch is a json to correct, not a damaged file. This runs inside the
+  data-loader workers, so each worker warns once per file.
 
 A dataset whose annotations cannot be loaded at all (an annotation json that
 names a category absent from its "categories", a missing json) fails in
@@ -38,11 +40,14 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.build import check_metadata_consistency, print_instances_class_histogram
+from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
 from detectron2.structures import BoxMode
 from PIL import Image
 
 from ..errors import ConfigError, DatasetError
+from .builtin import REAL_DATASETS
+from .prepare_common import image_size
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,10 @@ OUT_OF_IMAGE_TOLERANCE_REL = 0.01
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
 
 FIX_HINT = "fix or remove it, or set DATALOADER.BAD_DATA skip to train without it"
+SIZE_FIX = (
+    "re-run the datasets/prepare_*.py script that wrote the json (they give each image the size detectron2 "
+    "reads; datasets/README.md), or set the json's width/height to the image's"
+)
 
 
 def bad_data_mode(cfg) -> str:
@@ -173,7 +182,7 @@ class CheckedDatasetMapper(DatasetMapper):
             return super().__call__(dataset_dict)
         except _IMAGE_ERRORS as e:
             file_name = dataset_dict.get("file_name")
-            problem = read_problem(e)
+            problem = read_problem(e, dataset_dict)
             if self.bad_data == "fail":
                 raise DatasetError(f"{file_name}: {problem}; {FIX_HINT}") from None
             if file_name not in self._warned:
@@ -182,26 +191,57 @@ class CheckedDatasetMapper(DatasetMapper):
             return None
 
 
-def read_problem(e: Exception) -> str:
-    """What went wrong reading an image, as a short phrase."""
+def read_problem(e: Exception, dataset_dict: dict, fix: str = SIZE_FIX) -> str:
+    """What went wrong reading the image of ``dataset_dict``, as a short phrase; ``fix``: how to
+    correct a size mismatch."""
+    if isinstance(e, SizeMismatchError):
+        return size_problem(dataset_dict, fix)
     reason = re.sub(r" <_io\.\w+ name=.*>$", "", str(e))  # PIL repeats the file name
     return f"cannot read the image ({type(e).__name__}: {reason})"
 
 
-#: Key of the item :class:`EvalDatasetMapper` returns for an image it cannot read.
+def size_problem(dataset_dict: dict, fix: str) -> str:
+    width, height = image_size(dataset_dict["file_name"]) or ("?", "?")
+    return (
+        f"size mismatch (the file is fine): its json says {dataset_dict.get('width')}x{dataset_dict.get('height')}, "
+        f"the image is {width}x{height} as detectron2 reads it (turned by its EXIF orientation); {fix}"
+    )
+
+
+def size_fix(dataset_name: str) -> str:
+    """How to correct the sizes of ``dataset_name``'s json: its preparation script, where one wrote it."""
+    json_file = MetadataCatalog.get(dataset_name).get("json_file") if dataset_name else None
+    if not json_file:
+        return SIZE_FIX
+    stem = os.path.splitext(os.path.basename(json_file))[0]
+    scripts = [spec.script for name, spec in REAL_DATASETS.items() if (spec.json_name or name) == stem]
+    if scripts:
+        return f"re-run datasets/{scripts[0]}, which writes {json_file} with the sizes detectron2 reads"
+    return f"set width/height in {json_file} to the image's"
+
+
+#: Key of the item :class:`EvalDatasetMapper` returns for an image it leaves out.
 UNREADABLE = "unreadable_image"
 
 
 class EvalDatasetMapper(DatasetMapper):
     """Test-time DatasetMapper that returns ``{UNREADABLE: file name, "problem": ...}`` for an
-    image that is missing or cannot be decoded, so that evaluation goes on with the others
-    (``ood_det.evaluation.loader`` drops these items, warns once per file and counts them)."""
+    image that is missing, cannot be decoded or has another size than its json says, so that
+    evaluation goes on with the others (``ood_det.evaluation.loader`` drops these items, warns
+    once per file and lists them with the problem). ``dataset_name`` lets a size mismatch name
+    the json and the script that wrote it."""
+
+    @configurable
+    def __init__(self, *args, dataset_name: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dataset_name = dataset_name
 
     def __call__(self, dataset_dict):
         try:
             return super().__call__(dataset_dict)
         except _IMAGE_ERRORS as e:
-            return {UNREADABLE: dataset_dict.get("file_name"), "problem": read_problem(e)}
+            problem = read_problem(e, dataset_dict, size_fix(self.dataset_name))
+            return {UNREADABLE: dataset_dict.get("file_name"), "problem": problem}
 
 
 class SkipBadImages(torchdata.Dataset):

@@ -43,8 +43,9 @@ def find_scorer(model):
     return predictor.scorer
 
 
-def check_calibration_split(cfg, name: str) -> None:
-    """Refuse a test split as calibration data (thresholds must never see test data)."""
+def check_calibration_split(cfg, name: str, source: str = "DATASETS.OOD_CALIBRATION") -> None:
+    """Refuse a test split as calibration data (thresholds must never see test data); ``source``
+    names where the split came from in the error."""
     reason = None
     if name in cfg.DATASETS.TEST:
         reason = "it is listed in DATASETS.TEST"
@@ -54,7 +55,7 @@ def check_calibration_split(cfg, name: str) -> None:
         reason = "its name says it is a test split"
     if reason:
         raise ConfigError(
-            f"DATASETS.OOD_CALIBRATION: refusing to calibrate on {name!r}: {reason}. "
+            f"{source}: refusing to calibrate on {name!r}: {reason}. "
             "Thresholds are chosen on in-distribution validation data only (e.g. shapes_val, voc0712_val)."
         )
 
@@ -92,8 +93,9 @@ def calibrate(cfg, model, dataset_names=None) -> dict:
     names = list(dataset_names if dataset_names is not None else cfg.DATASETS.OOD_CALIBRATION)
     if not names:
         raise ConfigError("DATASETS.OOD_CALIBRATION is empty: name an in-distribution validation split")
+    source = "DATASETS.OOD_CALIBRATION" if dataset_names is None else "calibrate(dataset_names=...)"
     for name in names:
-        check_calibration_split(cfg, name)
+        check_calibration_split(cfg, name, source)
     scorer = find_scorer(model)
     num_classes = find_box_predictor(model).num_classes
     parts, thresholds, skipped = [], [], []

@@ -1,10 +1,11 @@
 """Evaluation data that survives a few bad images.
 
 A real evaluation set can hold a file that failed to download or cannot be
-decoded. detectron2's test loader would stop the whole evaluation with a raw
-error, after hours of training; here such an image gets one warning naming the
-file, the evaluation finishes on the others, and the list is returned so that
-the results file can say how many images were left out.
+decoded, or whose json gives another size than the image has. detectron2's test
+loader would stop the whole evaluation with a raw error, after hours of
+training; here such an image gets one warning naming the file and the problem,
+the evaluation finishes on the others, and the list is returned so that the
+results file can say which images were left out and why.
 """
 import itertools
 import logging
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class SkipUnreadable:
-    """Wraps a test loader: drops the items of unreadable images, warning once per file, and
+    """Wraps a test loader: drops the items of images left out, warning once per file, and
     hands the others on in batches of ``batch_size`` (``TEST.IMS_PER_BATCH``).
 
     Attributes:
@@ -51,9 +52,10 @@ class SkipUnreadable:
 
 
 def build_eval_loader(cfg, dataset_name: str) -> SkipUnreadable:
-    """detectron2's test loader of ``dataset_name`` that skips unreadable images and batches
+    """detectron2's test loader of ``dataset_name`` that skips the images it cannot use and batches
     ``TEST.IMS_PER_BATCH`` images per forward pass."""
-    loader = build_detection_test_loader(cfg, dataset_name, mapper=EvalDatasetMapper(cfg, False))
+    mapper = EvalDatasetMapper(cfg, False, dataset_name=dataset_name)
+    loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
     return SkipUnreadable(loader, dataset_name, cfg.TEST.IMS_PER_BATCH)
 
 
@@ -67,5 +69,11 @@ def run_inference(cfg, model, dataset_name: str, evaluator):
     results = inference_on_dataset(model, loader, evaluator)
     skipped = list(itertools.chain(*comm.all_gather(loader.skipped)))
     if skipped:
-        logger.warning("%s: evaluated without %d unreadable image(s)", dataset_name, len(skipped))
+        logger.warning("%s: evaluated without %d image(s) left out (named above)", dataset_name, len(skipped))
     return results, skipped
+
+
+def skipped_record(skipped) -> dict:
+    """The images left out of one dataset, as ``ood_results.json`` lists them: their count and,
+    per file, the reason (unreadable, missing, or another size than the json's)."""
+    return {"count": len(skipped), "files": [{"file": f, "reason": reason} for f, reason in skipped]}

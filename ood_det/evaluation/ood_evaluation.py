@@ -10,10 +10,16 @@ OOD boxes negatives; score them with each id score the model has.
 - **published** protocol (labelled as such): the same F1-optimal rule applied to
   the in-distribution TEST set, as VOS did, so numbers compare with the literature.
 
+Open-set metrics (``.openset``: what becomes of the OOD sets' ground-truth objects) are
+computed for every OOD set with object annotations, at the clean protocol's thresholds with the
+configured score's decision ``is_ood``, and added to that set's clean row of the configured score.
+
 Writes, on the main process: ``OUTPUT_DIR/ood_results.json``, per-box scores
 ``OUTPUT_DIR/ood_scores_<dataset>.npz`` (every box the detector returned, all
 protocols; ``tools/ood_metrics.py --min-confidence <threshold>`` selects the
-kept ones) and, per OOD set, a score histogram and a ROC curve as PNG.
+kept ones; with the decision ``is_ood``, the thresholds and the evaluated images,
+so that the open-set metrics can be recomputed from them) and, per OOD set, a
+score histogram and a ROC curve as PNG.
 """
 import json
 import logging
@@ -27,9 +33,18 @@ from detectron2.utils import comm
 from ..errors import ConfigError
 from ..utils import atomic_write
 from .boxes import OODEvaluator, score_fields, select
-from .calibration import calibrate, confidence_threshold, find_box_predictor, find_scorer
-from .loader import run_inference
+from .calibration import calibrate, confidence_threshold, dataset_dicts_of, find_box_predictor, find_scorer
+from .loader import run_inference, skipped_record
 from .metrics import METRIC_KEYS, format_metrics_table, ood_metrics
+from .openset import (
+    OPENSET_KEYS,
+    OPENSET_PROTOCOL,
+    annotated,
+    format_openset_table,
+    objects_from_dicts,
+    openset_metrics,
+)
+from .record import RECORD_FILE, build_record, save_record
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +52,19 @@ PROTOCOLS = ("clean", "published")
 RESULTS_FILE = "ood_results.json"
 
 
-def save_box_scores(path, scorer, arrays) -> None:
-    """Per-box arrays + ``id_score`` (the configured score, calibrated), as ``.npz`` (tools/ood_metrics.py)."""
-    data = dict(arrays)
-    data["id_score"] = scorer.id_score(score_fields(arrays)).double().cpu().numpy()
+def with_decision(scorer, arrays):
+    """Box arrays plus ``id_score`` (the configured score, calibrated) and its decision ``is_ood``."""
+    ids = scorer.id_score(score_fields(arrays)).double()
+    return {**arrays, "id_score": ids.cpu().numpy(), "is_ood": scorer.is_ood(ids).cpu().numpy()}
+
+
+def save_box_scores(path, scorer, decided, image_ids=None) -> None:
+    """Per-box arrays with :func:`with_decision`'s fields (``decided``), the scorer's ``conf_threshold`` and
+    ``id_threshold`` (0-d) and the ids of the ``evaluated_images``, as ``.npz`` (tools/ood_metrics.py)."""
+    data = dict(decided)
+    data.update(conf_threshold=np.float64(scorer.conf_threshold), id_threshold=np.float64(scorer.id_threshold))
+    if image_ids is not None:
+        data["evaluated_images"] = np.asarray(image_ids, dtype=str)
     atomic_write(path, lambda f: np.savez(f, **data), binary=True)
 
 
@@ -64,6 +88,29 @@ def _metric_rows(scorer, id_boxes, ood_name, ood_boxes, thresholds):
                 row.update(ood_metrics(_id_scores(scorer, id_kept, score), _id_scores(scorer, ood_kept, score)))
             rows.append(row)
     return rows
+
+
+def _objects(id_name, ood_names, image_ids):
+    """dataset -> ``{image id: ImageObjects}`` of its evaluated images; None for an OOD set without
+    object annotations (an OOD set may come as images only)."""
+    objects = {id_name: objects_from_dicts(dataset_dicts_of(id_name, image_ids[id_name]))}
+    for name in ood_names:
+        dicts = dataset_dicts_of(name, image_ids[name])
+        objects[name] = objects_from_dicts(dicts, ood=True) if annotated(dicts, ood=True) else None
+        if objects[name] is None:
+            logger.info("%s has no object annotations: no open-set metrics", name)
+    return objects
+
+
+def _add_openset(rows, scorer, id_name, decided, objects, conf_threshold):
+    """The open-set metrics of every annotated OOD set, into its clean row of the configured score
+    (the one score whose decision threshold the calibration chose)."""
+    for row in rows:
+        if (row["protocol"], row["score"]) != (OPENSET_PROTOCOL, scorer.score_name):
+            continue
+        if objects[row["ood_set"]] is not None:
+            row.update(openset_metrics(decided[row["ood_set"]], objects[row["ood_set"]], conf_threshold,
+                                       decided[id_name], objects[id_name]))
 
 
 def evaluate_ood(cfg, model, build_evaluator):
@@ -96,7 +143,7 @@ def evaluate_ood(cfg, model, build_evaluator):
             print_csv_format(res)
     for name in cfg.DATASETS.OOD_TEST:
         res, unreadable[name] = run_inference(cfg, model, name, OODEvaluator(name))
-        boxes[name] = res["ood_boxes"]
+        boxes[name], image_ids[name] = res["ood_boxes"], res["image_ids"]
 
     num_classes = find_box_predictor(model).num_classes
     thresholds = {
@@ -106,21 +153,27 @@ def evaluate_ood(cfg, model, build_evaluator):
     rows = []
     for name in cfg.DATASETS.OOD_TEST:
         rows += _metric_rows(scorer, boxes[id_name], name, boxes[name], thresholds)
+    decided = {name: with_decision(scorer, arrays) for name, arrays in boxes.items()}
+    objects = _objects(id_name, cfg.DATASETS.OOD_TEST, image_ids)
+    _add_openset(rows, scorer, id_name, decided, objects, thresholds["clean"])
     results["ood"] = {
-        name: {p: {r["score"]: {k: r[k] for k in METRIC_KEYS if r[k] is not None} for r in rows
+        name: {p: {r["score"]: {k: r[k] for k in (*METRIC_KEYS, *OPENSET_KEYS) if r.get(k) is not None} for r in rows
                    if r["ood_set"] == name and r["protocol"] == p} for p in PROTOCOLS}
         for name in cfg.DATASETS.OOD_TEST
     }
     if comm.is_main_process():
-        _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable)
+        record = build_record(id_name, decided, image_ids, objects, thresholds,
+                              lambda arrays, score: _id_scores(scorer, arrays, score),
+                              scorer.summary(available_scores=list(scorer.available_scores)))
+        _report(cfg, scorer, id_name, results, rows, decided, thresholds, unreadable, image_ids, record)
     return results
 
 
-def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable):
+def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, image_ids, record):
     out = cfg.OUTPUT_DIR
     os.makedirs(out, exist_ok=True)
     for name, arrays in boxes.items():
-        save_box_scores(os.path.join(out, f"ood_scores_{name}.npz"), scorer, arrays)
+        save_box_scores(os.path.join(out, f"ood_scores_{name}.npz"), scorer, arrays, image_ids.get(name))
     plots = _plots(cfg, scorer, id_name, boxes, thresholds["clean"])
     bbox = results[id_name].get("bbox", {})
     payload = {
@@ -131,9 +184,10 @@ def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable):
         "rows": rows,
         "plots": plots,
         "score_files": {name: f"ood_scores_{name}.npz" for name in boxes},
-        "unreadable_images": {name: {"count": len(bad), "files": [f for f, _ in bad]}
-                              for name, bad in unreadable.items()},
+        "record_file": RECORD_FILE,
+        "unreadable_images": {name: skipped_record(bad) for name, bad in unreadable.items()},
     }
+    save_record(os.path.join(out, RECORD_FILE), record)
     path = os.path.join(out, RESULTS_FILE)
     atomic_write(path, lambda f: json.dump(payload, f, indent=2))
     table = format_metrics_table(
@@ -145,6 +199,10 @@ def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable):
         "'published' = %.3f from the ID test set, as VOS):\n%s",
         id_name, thresholds["clean"], ", ".join(cfg.DATASETS.OOD_CALIBRATION), thresholds["published"], table,
     )
+    if any("unknown_recall" in r for r in rows):
+        logger.info("Unknown objects of the OOD sets (clean protocol, confidence >= %.3f, %s score's is_ood; "
+                    "shares of the objects, AOSE = objects boxed as a known class, WI at ID recall 0.8):\n%s",
+                    thresholds["clean"], scorer.score_name, format_openset_table(rows))
     logger.info("OOD results: %s", path)
     for name, files in plots.items():
         logger.info("Plots for %s: %s", name, ", ".join(os.path.join(out, f) for f in files.values()))

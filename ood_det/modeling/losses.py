@@ -12,6 +12,8 @@ Shape shorthand:
     K: number of in-distribution classes
     E: embedding size
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,11 +60,20 @@ def cfl_loss(
     return per_member.mean()
 
 
+LOGISTIC_FORMS = ("binary", "two_class")
+
+
 class EnergyLogistic(nn.Module):
     """
     The learned logistic regression of VOS on ``-energy``: ``logit = a * (-E) + b``,
     P(in-distribution) = sigmoid(logit). The head owns one and passes it to
     :func:`energy_loss_logistic`. Initialized like ``nn.Linear`` (as in VOS).
+
+    ``form="binary"`` holds ``a`` and ``b`` in one ``Linear(1, 1)``. ``form="two_class"`` is VOS's
+    ``Linear(1, 2)``, one logit per class (outlier, in-distribution) under a softmax: the softmax of
+    two logits is the sigmoid of their difference, so ``a = w_1 - w_0`` and ``b = b_1 - b_0`` and
+    binary cross-entropy on that logit equals VOS's cross-entropy on the two. Same model, other
+    parameters: SGD steps, weight decay and the initial slope's spread differ.
 
     VOS leaves the slope ``a`` free. When virtual outliers happen to have lower energy than
     the in-distribution proposals, the regression then fits a negative slope and the loss
@@ -70,15 +81,31 @@ class EnergyLogistic(nn.Module):
     ``softplus(a)`` instead, so that the loss can only ask for outliers of higher energy.
     """
 
-    def __init__(self, positive_slope: bool = False):
+    def __init__(self, positive_slope: bool = False, form: str = "binary"):
         super().__init__()
-        self.linear = nn.Linear(1, 1)
+        if form not in LOGISTIC_FORMS:
+            raise ValueError(f"MODEL.OOD.ENERGY_LOGISTIC must be one of {', '.join(LOGISTIC_FORMS)}; got {form!r}")
+        self.form = form
+        self.linear = nn.Linear(1, 1 if form == "binary" else 2)
         self.positive_slope = positive_slope
+
+    def _slope_and_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(1, 1) slope a, (1,) bias b of the "in-distribution" logit."""
+        w, b = self.linear.weight, self.linear.bias
+        if self.form == "two_class":
+            w, b = w[1:] - w[:1], b[1:] - b[:1]
+        return (F.softplus(w) if self.positive_slope else w), b
+
+    @property
+    def slope(self) -> float:
+        """The effective slope ``a`` (for logs and diagnostics); > 0 when outliers sit at higher energy."""
+        with torch.no_grad():
+            return float(self._slope_and_bias()[0])
 
     def forward(self, neg_energy: torch.Tensor) -> torch.Tensor:
         """(P,) ``-energy`` -> (P,) logits of "in-distribution"."""
-        slope = F.softplus(self.linear.weight) if self.positive_slope else self.linear.weight
-        return F.linear(neg_energy[:, None], slope, self.linear.bias).squeeze(1)
+        slope, bias = self._slope_and_bias()
+        return F.linear(neg_energy[:, None], slope, bias).squeeze(1)
 
 
 def energy_loss_logistic(e_in: torch.Tensor, e_out: torch.Tensor, logistic_module: nn.Module) -> torch.Tensor:

@@ -18,6 +18,7 @@ Every output box carries the raw scores of its ``OODScorer`` (``energy``,
 Shape shorthand: R proposals (all images of a batch), K classes, D box-head
 feature size, E embedding size, P virtual outliers.
 """
+import itertools
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -34,7 +35,7 @@ from torch import nn
 from .losses import EnergyLogistic, cfl_loss, energy_loss_logistic, energy_loss_margin, rep_outlier_loss
 from .scorer import OODScorer
 from .scores import energy, foreground_logits
-from .synthesizer import VirtualOutlierSynthesizer
+from .synthesizer import VirtualOutlierSynthesizer, host_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         energy_margins: Tuple[float, float] = (-25.0, -7.0),
         energy_class_weights: bool = True,
         energy_positive_slope: bool = False,
+        energy_logistic: str = "binary",
         rep_out_margin: float = 0.0,
         rep_out_weight: float = 1.0,
         synthesizer: Optional[VirtualOutlierSynthesizer] = None,
@@ -90,6 +92,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
                 the training energy of ``loss_energy`` (VOS); the score is unweighted.
             energy_positive_slope: the "logistic" energy loss's slope kept positive (see
                 :class:`~ood_det.modeling.losses.EnergyLogistic`); VOS leaves it free.
+            energy_logistic: that regression's form, "binary" (one logit) or "two_class" (VOS's
+                two logits under a softmax; the same model, parametrized differently).
             rep_out_margin, rep_out_weight: margin and weight of ``loss_rep_out``.
             synthesizer: outlier synthesizer; required unless mode is "vanilla".
             outlier_support: "gaussian" (outliers as drawn) or "relu" (clipped at 0, where the
@@ -116,7 +120,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         self.synthesizer = synthesizer if mode != "vanilla" else None
         self.embed = self.centers = self.energy_logistic = self.energy_weights = None
         if mode != "vanilla":
-            self.energy_logistic = EnergyLogistic(energy_positive_slope) if energy_loss == "logistic" else None
+            if energy_loss == "logistic":
+                self.energy_logistic = EnergyLogistic(energy_positive_slope, energy_logistic)
             if energy_class_weights:
                 self.energy_weights = nn.Parameter(torch.rand(self.num_classes))
         if mode == "energy_cfl":
@@ -150,6 +155,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             energy_margins=(ood.ENERGY_MARGIN_IN, ood.ENERGY_MARGIN_OUT),
             energy_class_weights=ood.ENERGY_CLASS_WEIGHTS,
             energy_positive_slope=ood.ENERGY_POSITIVE_SLOPE,
+            energy_logistic=ood.ENERGY_LOGISTIC,
             rep_out_margin=ood.REP_OUT_MARGIN,
             rep_out_weight=ood.REP_OUT_WEIGHT,
             outlier_support=ood.OUTLIER_SUPPORT,
@@ -185,20 +191,31 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         losses = super().losses((logits, deltas), proposals)
         if self.mode == "vanilla":
             return losses
-        if proposals:
-            gt = cat([p.gt_classes for p in proposals], dim=0)
-        else:
-            gt = torch.zeros(0, dtype=torch.long, device=logits.device)
-        fg = (gt >= 0) & (gt < self.num_classes)
-        fg_features, fg_labels = features[fg], gt[fg]
-        out_features = self._synthesize(fg_features, fg_labels)
-        ood = {"loss_energy": self._energy_loss(logits[fg], self.cls_score(out_features))}
+        fg, fg_labels, fg_labels_host = self._foreground(proposals, logits.device)
+        fg_features = features.index_select(0, fg)
+        out_features = self._synthesize(fg_features, fg_labels_host)
+        ood = {"loss_energy": self._energy_loss(logits.index_select(0, fg), self.cls_score(out_features))}
         if self.mode == "energy_cfl":
             emb_in, emb_out = self.embeddings(fg_features), self.embeddings(out_features)
             ood["loss_cfl"] = cfl_loss(emb_in, fg_labels, self.centers, self.cfl_tau, self.cfl_gamma)
             ood["loss_rep_out"] = rep_outlier_loss(emb_out, self.centers, self.rep_out_margin)
-        losses.update({k: v * self.loss_weights[k] for k, v in ood.items()})
+        # A weight of 1 multiplies nothing: a kernel less, forward and backward.
+        losses.update({k: v if self.loss_weights[k] == 1.0 else v * self.loss_weights[k] for k, v in ood.items()})
         return losses
+
+    def _foreground(self, proposals: List[Instances], device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M,) indices of the foreground proposals and their (M,) classes, on ``device``, and the
+        classes on the host. Picked on the host from one copy of the labels, made right after
+        detectron2's losses waited for the device anyway: a boolean mask on the device would
+        wait for it at each use."""
+        if not proposals:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty.to(device), empty.to(device), empty
+        gt = cat([p.gt_classes for p in proposals], dim=0).cpu()
+        fg = torch.nonzero((gt >= 0) & (gt < self.num_classes)).squeeze(1)
+        labels = gt[fg]
+        fg_device, labels_device = host_to_device(torch.stack([fg, labels]), device)
+        return fg_device, labels_device, labels
 
     def _synthesize(self, fg_features: torch.Tensor, fg_labels: torch.Tensor) -> torch.Tensor:
         """Queue the foreground features; (P, D) virtual outliers once synthesis has started."""
@@ -226,7 +243,9 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         return energy(foreground_logits(class_logits), self.scorer.temperature, self.energy_weights)
 
     def _energy_loss(self, logits_in: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
-        e_in, e_out = self.training_energy(logits_in), self.training_energy(logits_out)
+        # One energy computation for both sets: half the kernels of two.
+        energies = self.training_energy(torch.cat([logits_in, logits_out]))
+        e_in, e_out = energies.split([len(logits_in), len(logits_out)])
         if self.energy_loss_name == "logistic":
             return energy_loss_logistic(e_in, e_out, self.energy_logistic)
         return energy_loss_margin(e_in, e_out, *self.energy_margins)
@@ -249,21 +268,25 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         results, kept = fast_rcnn_inference(
             boxes, probs, image_shapes, self.test_score_thresh, self.test_nms_thresh, self.test_topk_per_image
         )
-        num_per_image = [len(p) for p in proposals]
-        per_image = zip(results, kept, boxes, probs, logits.split(num_per_image), features.split(num_per_image))
-        for result, keep, boxes_i, probs_i, logits_i, features_i in per_image:
-            source = _proposal_index(keep, boxes_i, probs_i)
-            self._add_ood_fields(result, logits_i[source], features_i[source])
+        if not results:
+            return results, kept
+        # The kept boxes' proposals as rows of the whole batch: one pass of the OOD fields for all images.
+        sources = [_proposal_index(keep, b, p) for keep, b, p in zip(kept, boxes, probs)]
+        starts = itertools.accumulate((len(p) for p in proposals), initial=0)
+        source = cat([s + start if start else s for s, start in zip(sources, starts)])
+        fields = self._ood_fields(logits[source], features[source])
+        sizes = [len(r) for r in results]
+        for name, value in fields.items():
+            for result, part in zip(results, value.split(sizes)):
+                result.set(name, part)
         return results, kept
 
-    def _add_ood_fields(self, result: Instances, logits: torch.Tensor, features: torch.Tensor) -> None:
+    def _ood_fields(self, logits: torch.Tensor, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The scorer's raw fields, ``ood_score`` and ``is_ood`` of (R,) boxes."""
         embeddings = self.embeddings(features) if self.embed is not None else None
         fields = self.scorer.box_scores(logits, embeddings, self.centers)
         id_score = self.scorer.id_score(fields)
-        for name, value in fields.items():
-            result.set(name, value)
-        result.ood_score = -id_score
-        result.is_ood = self.scorer.is_ood(id_score)
+        return {**fields, "ood_score": -id_score, "is_ood": self.scorer.is_ood(id_score)}
 
     # Parent methods unpack predictions as (scores, deltas): give them just that.
     def predict_boxes_for_gt_classes(self, predictions, proposals):
@@ -300,9 +323,10 @@ def _proposal_index(keep: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor
     Proposal index of each kept box. detectron2 drops proposals with non-finite
     boxes or scores before NMS, and ``keep`` indexes what is left; map it back.
     """
-    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
-    # The valid proposals' indices in order, without a data-dependent branch (no device sync).
-    return torch.argsort((~valid).to(torch.uint8), stable=True)[keep]
+    values = torch.cat([boxes, probs], dim=1)
+    valid = (values - values).eq(0).all(dim=1)  # x - x is 0 exactly when x is finite (inf - inf, NaN: NaN)
+    # The valid proposals' indices first, in order, without a data-dependent branch (no device sync).
+    return torch.argsort(valid.to(torch.uint8), descending=True, stable=True)[keep]
 
 
 def _check_choice(key: str, value: str, choices) -> None:

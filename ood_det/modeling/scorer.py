@@ -108,6 +108,7 @@ class OODScorer(nn.Module):
         self.register_buffer("rep_weight", torch.tensor(float(rep_weight), dtype=f64))
         self.register_buffer("id_threshold", torch.tensor(0.0, dtype=f64))
         self.register_buffer("conf_threshold", torch.tensor(0.0, dtype=f64))
+        self._cast_cache = None  # (key, constants) of _constants
 
     @classmethod
     def from_config(cls, cfg):
@@ -193,16 +194,30 @@ class OODScorer(nn.Module):
         for name in SCORE_TERMS[score]:
             term = self._standardized(fields, name)
             if name == "rep_score" and score == "combined":
-                term = term * self.rep_weight.to(term)
+                term = term * self._constants(term)["rep_weight"]
             total = term if total is None else total + term
         return total
 
     def _standardized(self, fields: Mapping, name: str) -> torch.Tensor:
         if name not in fields:
             raise KeyError(f"per-box field {name!r} is missing; the boxes carry {', '.join(sorted(fields))}")
-        value = RAW_FIELDS[name] * _as_tensor(fields[name])
-        mean, std = self.stats[list(RAW_FIELDS).index(name)].to(value)
-        return (value - mean) / std.clamp(min=1e-6)
+        value = _as_tensor(fields[name])
+        value = -value if RAW_FIELDS[name] < 0 else value
+        i, constants = list(RAW_FIELDS).index(name), self._constants(value)
+        return (value - constants["mean"][i]) / constants["std"][i]
+
+    def _constants(self, like: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The calibration in ``like``'s dtype and device: "mean" and "std" (clamped) (3,) in
+        ``RAW_FIELDS`` order, "rep_weight", "id_threshold" and "calibrated". Cast once per change
+        of the buffers (their version counters tell), not once per batch of boxes."""
+        buffers = (self.stats, self.rep_weight, self.id_threshold, self.calibrated)
+        key = (like.dtype, like.device, torch.is_inference_mode_enabled(), *(_version(b) for b in buffers))
+        if self._cast_cache is None or self._cast_cache[0] != key:
+            stats = self.stats.to(like)
+            self._cast_cache = (key, {
+                "mean": stats[:, 0], "std": stats[:, 1].clamp(min=1e-6), "rep_weight": self.rep_weight.to(like),
+                "id_threshold": self.id_threshold.to(like), "calibrated": self.calibrated.to(like.device)})
+        return self._cast_cache[1]
 
     def ood_score(self, fields: Mapping, score: Optional[str] = None) -> torch.Tensor:
         """``-id_score``: higher = more OOD."""
@@ -211,7 +226,8 @@ class OODScorer(nn.Module):
     def is_ood(self, id_scores: torch.Tensor) -> torch.Tensor:
         """(R,) bool: id score below the calibrated threshold; all False before calibration."""
         # A tensor AND rather than an if: no device sync per batch of boxes.
-        return (id_scores < self.id_threshold.to(id_scores)) & self.calibrated.to(id_scores.device)
+        constants = self._constants(id_scores)
+        return (id_scores < constants["id_threshold"]) & constants["calibrated"]
 
     # ------------------------------------------------------------ calibration
     @torch.no_grad()
@@ -241,6 +257,7 @@ class OODScorer(nn.Module):
             if name in fields:
                 value = sign * _as_tensor(fields[name]).double()
                 stats[i] = torch.stack([value.mean(), value.std()]).cpu()
+        self._cast_cache = None
         self.stats.copy_(stats)
         self.calibrated.fill_(True)
         if self.fit_rep_weight and self.has_representation and outlier_fields is not None:
@@ -284,6 +301,7 @@ class OODScorer(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """Device moves apply; dtype casts (``model.half()``) do not: the calibration keeps
         float64, so that the threshold keeps exactly the share of boxes it was fitted to keep."""
+        self._cast_cache = None
         kept = {name: self._buffers.pop(name) for name in FLOAT64_BUFFERS}
         super()._apply(fn, *args, **kwargs)
         device = fn(torch.zeros(0)).device
@@ -291,6 +309,7 @@ class OODScorer(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._cast_cache = None
         if _upgrade_old_calibration(state_dict, prefix):
             # Such checkpoints kept w in the config only: keep the configured one.
             state_dict.setdefault(prefix + "rep_weight", self.rep_weight.clone())
@@ -311,6 +330,11 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
         if float(step.abs().max()) < 1e-10:
             break
     return beta[:-1]
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter (-1 for inference tensors, which keep none)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _as_tensor(x) -> torch.Tensor:

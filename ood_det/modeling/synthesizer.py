@@ -55,27 +55,49 @@ def chi2_isf(q: torch.Tensor, dof: int, max_iter: int = 60, rtol: float = 1e-12)
     q = q.to(torch.float64).clamp(min=torch.finfo(torch.float64).tiny, max=1.0)
     a = torch.tensor(dof / 2.0, dtype=torch.float64, device=q.device)
     upper = q <= 0.5
-    log_target = torch.where(upper, q, 1.0 - q).log()
+    # Which tails occur, known once: a tail that no element uses is never computed (the radii of
+    # the least likely candidates all lie in the upper tail), nearly half the ops of an iteration.
+    pick = _TailPicker(upper)
+    log_target = pick(lambda: q, lambda: 1.0 - q).log()
     lo, hi = _chi2_bracket(q, dof)
     x = _wilson_hilferty(q, dof).clamp(min=lo, max=hi)
     log_norm = a * math.log(2.0) + torch.lgamma(a)
+    a_minus_1 = a - 1
     for _ in range(max_iter):
-        tail = torch.where(upper, torch.special.gammaincc(a, x / 2), torch.special.gammainc(a, x / 2))
-        h = tail.log() - log_target
-        left = torch.where(upper, h > 0, h < 0)  # x is left of the root
-        right = torch.where(upper, h < 0, h > 0)
+        half = x / 2
+        log_tail = pick(lambda: torch.special.gammaincc(a, half), lambda: torch.special.gammainc(a, half)).log()
+        h = log_tail - log_target
+        left = pick(lambda: h > 0, lambda: h < 0)  # x is left of the root
+        right = pick(lambda: h < 0, lambda: h > 0)
         lo, hi = torch.where(left, x, lo), torch.where(right, x, hi)
-        log_pdf = (a - 1) * x.log() - x / 2 - log_norm
-        step = h * (tail.log() - log_pdf).exp()  # h / |d/dx log tail|
+        log_pdf = a_minus_1 * x.log() - half - log_norm
+        step = h * (log_tail - log_pdf).exp()  # h / |d/dx log tail|
         # Newton in x for the upper tail (log Q ~ -x/2), in log x for the lower one (log P ~ a log x)
-        x_new = torch.where(upper, x + step, x * torch.exp(-step / x))
-        bad = ~torch.isfinite(x_new) | (x_new < lo) | (x_new > hi)
-        x_new = torch.where(bad, (lo + hi) / 2, x_new)
+        x_new = pick(lambda: x + step, lambda: x * torch.exp(-step / x))
+        # lo and hi are finite: a non-finite step fails both comparisons and bisects too
+        inside = (x_new >= lo) & (x_new <= hi)
+        x_new = torch.where(inside, x_new, (lo + hi) / 2)
         done = bool(((x_new - x).abs() <= rtol * x_new.abs()).all())
         x = x_new
         if done:
             break
     return x
+
+
+class _TailPicker:
+    """``pick(upper_fn, lower_fn)``: ``torch.where(upper, upper_fn(), lower_fn())``, calling only
+    the function of the tail in use when every element is in the same tail."""
+
+    def __init__(self, upper: torch.Tensor):
+        self.upper = upper
+        self.only = "upper" if bool(upper.all()) else "lower" if not bool(upper.any()) else None
+
+    def __call__(self, upper_fn, lower_fn) -> torch.Tensor:
+        if self.only == "upper":
+            return upper_fn()
+        if self.only == "lower":
+            return lower_fn()
+        return torch.where(self.upper, upper_fn(), lower_fn())
 
 
 def _chi2_bracket(q: torch.Tensor, dof: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -179,37 +201,53 @@ def _least_likely(means, scale_tril, num_candidates, num_samples):
 def all_gather_features(features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Concatenate (features, labels) of all processes, rank 0 first; every process
-    must call it. Sizes may differ per process: inputs are padded to the largest,
-    padding is dropped again.
+    must call it. Sizes may differ per process: each part is padded to the largest
+    with label -1, which every consumer of labels drops as out of range.
 
     Args:
         features: (B, D) on this process.
-        labels: (B,) int64, all >= 0.
+        labels: (B,) int64 on the features' device, all >= 0.
 
     Returns:
-        (sum of B, D) features and (sum of B,) labels, the same on every process.
+        (world * max B, D) features and (world * max B,) labels, the same on every process.
     """
     world = dist.get_world_size()
-    size = torch.tensor([labels.numel()], device=labels.device)
+    size = labels.new_full((1,), labels.numel())
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
-    max_size = int(max(s.item() for s in sizes))
+    max_size = int(torch.cat(sizes).max())  # the one wait for the device: the padded size
     if max_size == 0:
         return features, labels
     padded_f = features.new_zeros(max_size, features.shape[1])
     padded_f[: len(features)] = features
-    padded_l = labels.new_full((max_size,), -1)  # -1 marks padding
+    padded_l = labels.new_full((max_size,), -1)
     padded_l[: len(labels)] = labels
     all_f = [torch.empty_like(padded_f) for _ in range(world)]
     all_l = [torch.empty_like(padded_l) for _ in range(world)]
     dist.all_gather(all_f, padded_f)
     dist.all_gather(all_l, padded_l)
-    all_f, all_l = torch.cat(all_f), torch.cat(all_l)
-    real = all_l >= 0
-    return all_f[real], all_l[real]
+    return torch.cat(all_f), torch.cat(all_l)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``, copied without waiting for the work queued there (from pinned
+    memory on CUDA; a plain copy would wait for the whole stream)."""
+    if device.type == "cuda" and host.device.type == "cpu":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter (-1 for inference tensors, which keep none)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 ROTATIONS = ("all_full", "own_full")
+QUEUE_SYNCS = ("all_gather", "local")
 
 
 def _require(ok: bool, key: str, value, what: str) -> None:
@@ -248,6 +286,12 @@ class VirtualOutlierSynthesizer(nn.Module):
         rotation: ``MODEL.OOD.QUEUE_ROTATION``: "all_full" (VOS) keeps every queue from
             rotating until all of them are full (a full queue ignores new features until
             then); "own_full" makes each class queue FIFO as soon as it is full itself.
+        sync: ``MODEL.OOD.QUEUE_SYNC``: "all_gather" queues the features of every process in
+            every process (identical queues, filled world-size times faster); "local" (VOS)
+            queues each process's own features only, and each process draws from its own queues.
+
+    Counts and write pointers are mirrored on the host after each write (they are worked out
+    there), so that no step waits for the device to read them back.
     """
 
     @configurable
@@ -263,6 +307,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         cov_eps: float = 1e-4,
         refit_period: int = 1,
         rotation: str = "all_full",
+        sync: str = "all_gather",
     ):
         super().__init__()
         _require(num_classes >= 1, "MODEL.ROI_HEADS.NUM_CLASSES", num_classes, ">= 1")
@@ -275,9 +320,10 @@ class VirtualOutlierSynthesizer(nn.Module):
         _require(cov_eps >= 0, "MODEL.OOD.COV_EPS", cov_eps, ">= 0")
         _require(refit_period >= 1, "MODEL.OOD.REFIT_PERIOD", refit_period, ">= 1")
         _require(rotation in ROTATIONS, "MODEL.OOD.QUEUE_ROTATION", repr(rotation), f"one of {ROTATIONS}")
+        _require(sync in QUEUE_SYNCS, "MODEL.OOD.QUEUE_SYNC", repr(sync), f"one of {QUEUE_SYNCS}")
         self.num_classes, self.feature_dim, self.queue_size = num_classes, feature_dim, queue_size
         self.start_iter, self.num_candidates, self.num_samples = start_iter, num_candidates, num_samples
-        self.cov_eps, self.refit_period, self.rotation = cov_eps, refit_period, rotation
+        self.cov_eps, self.refit_period, self.rotation, self.sync = cov_eps, refit_period, rotation, sync
         self.register_buffer("queue", torch.zeros(num_classes, queue_size, feature_dim))
         self.register_buffer("queue_count", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(num_classes, dtype=torch.long))
@@ -287,7 +333,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._stats_stale = False
         self._gaussian_cache = None  # (means, Cholesky factor), refitted every refit_period writes
         self._writes_since_fit = 0
-        self._full = False  # every queue full (None: unknown, read from queue_count when asked)
+        self._host = None  # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed
         self._announced = set()  # status lines already logged: "waiting", "started"
 
     @classmethod
@@ -303,53 +349,68 @@ class VirtualOutlierSynthesizer(nn.Module):
             "cov_eps": ood.COV_EPS,
             "refit_period": ood.REFIT_PERIOD,
             "rotation": ood.QUEUE_ROTATION,
+            "sync": ood.QUEUE_SYNC,
         }
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, "
                 f"queue_size={self.queue_size}, start_iter={self.start_iter}, "
                 f"num_candidates={self.num_candidates}, num_samples={self.num_samples}, "
-                f"cov_eps={self.cov_eps}, refit_period={self.refit_period}, rotation={self.rotation}")
+                f"cov_eps={self.cov_eps}, refit_period={self.refit_period}, rotation={self.rotation}, sync={self.sync}")
 
     # ---- queues ----
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """
         Append features to their class queues, evicting the oldest when full.
-        Under torch.distributed, the features of all processes are gathered first
-        (rank order), so every process holds the same queues; every process must
-        then call ``enqueue`` at the same step, even with B = 0.
+        With ``sync="all_gather"`` under torch.distributed, the features of all processes
+        are gathered first (rank order), so every process holds the same queues; every
+        process must then call ``enqueue`` at the same step, even with B = 0. With
+        ``sync="local"`` no process waits for another.
 
         Args:
             features: (B, D), detached here.
-            labels: (B,) class of each feature; labels outside [0, K) (background,
-                ignore) are dropped.
+            labels: (B,) class of each feature, on the features' device or on the CPU (a CPU
+                copy spares a wait for the device); labels outside [0, K) (background, ignore)
+                are dropped.
         """
         features, labels = features.detach().to(self.queue.dtype), labels.long()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            features, labels = all_gather_features(features, labels)
-        self._write(features, labels)
+        if self.sync == "all_gather" and _distributed():
+            features, labels = all_gather_features(features, host_to_device(labels, features.device))
+        self._write(features, labels.cpu())
 
     def _write(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        # Which feature goes to which slot is a few integers per feature: worked out on the CPU
-        # after one copy from the device, instead of device ops that would each wait for the GPU.
-        B, K = len(labels), self.num_classes
-        host = torch.cat([labels, self.queue_count, self.queue_ptr]).cpu()
-        plan = _plan_writes(host[:B], host[B:B + K], host[B + K:], self.queue_size,
-                            fill_only=self.rotation == "all_full" and not self._full_in(host[B:B + K]))
+        # Which feature goes to which slot is a few integers per feature: worked out on the CPU from
+        # host labels and the host copy of the counters, then sent to the device in one copy that
+        # does not wait, instead of device ops that would each wait for the GPU.
+        count, ptr = self._counters()
+        plan = _plan_writes(labels, count, ptr, self.queue_size,
+                            fill_only=self.rotation == "all_full" and not self.is_full())
         if plan is None:
             return
         self._writes_since_fit += 1
-        index, labels_h, slots_h, evicted_h, count_h, ptr_h = plan
-        device = self.queue.device
-        features = features.index_select(0, index.to(device))
-        labels, slots, evicted = (t.to(device) for t in (labels_h, slots_h, evicted_h))
-        old_labels = labels[evicted]
-        old = self.queue[old_labels, slots[evicted]]
+        packed = host_to_device(torch.cat(plan), self.queue.device)
+        index, labels, slots, old_labels, old_slots, count_d, ptr_d = packed.split([len(t) for t in plan])
+        if len(index) != len(features):  # index increases: as long as features, it is every row in order
+            features = features.index_select(0, index)
+        old = self.queue[old_labels, old_slots]
         self._update_stats(features, labels, old, old_labels)
         self.queue[labels, slots] = features
-        self.queue_count.copy_(count_h)
-        self.queue_ptr.copy_(ptr_h)
-        self._full = bool((count_h >= self.queue_size).all())
+        self.queue_count.copy_(count_d)
+        self.queue_ptr.copy_(ptr_d)
+        self._remember(plan[-2], plan[-1])
+
+    def _remember(self, count: torch.Tensor, ptr: torch.Tensor) -> None:
+        self._host = (count, ptr, self._full_in(count), self._versions())
+
+    def _versions(self) -> Tuple[int, int]:
+        return _version(self.queue_count), _version(self.queue_ptr)
+
+    def _counters(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K,) features held and (K,) next slot of each class queue, on the host. Read back from
+        the device only when the buffers changed other than by a write (a checkpoint load, a move)."""
+        if self._host is None or self._host[3] != self._versions():
+            self._remember(*torch.stack([self.queue_count, self.queue_ptr]).cpu())
+        return self._host[0], self._host[1]
 
     def _full_in(self, count: torch.Tensor) -> bool:
         return bool((count >= self.queue_size).all())
@@ -362,11 +423,11 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._outer.addmm_(new.t(), new).addmm_(old.t(), old, alpha=-1.0)
 
     def _refresh_stats(self) -> None:
-        """Recompute the running sums exactly from the queues."""
+        """Recompute the running sums exactly from the queues (class k's features are slots [0, n_k))."""
         self._sum.zero_()
         self._outer.zero_()
-        for k in range(self.num_classes):
-            x = self.queue[k, : int(self.queue_count[k])].double()
+        for k, n in enumerate(self._counters()[0].tolist()):
+            x = self.queue[k, :n].double()
             self._sum[k] = x.sum(dim=0)
             self._outer.addmm_(x.t(), x)
         self._stats_stale = False
@@ -383,21 +444,21 @@ class VirtualOutlierSynthesizer(nn.Module):
                                       unexpected_keys, error_msgs)
         self._stats_stale = True
         self._gaussian_cache = None
-        self._full = None
+        self._host = None
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         self._gaussian_cache = None
+        self._host = None
         if self._sum.dtype != torch.float64:  # e.g. .half(): rebuild the sums in float64
             self._sum, self._outer = self._sum.double(), self._outer.double()
             self._stats_stale = True
         return self
 
     def is_full(self) -> bool:
-        """Whether every class queue holds Q features (known on the host after each write: no device sync)."""
-        if self._full is None:
-            self._full = self._full_in(self.queue_count.cpu())
-        return self._full
+        """Whether every class queue holds Q features (from the host copy of the counts: no device sync)."""
+        self._counters()
+        return self._host[2]
 
     def ready(self, iteration: int) -> bool:
         """Whether to synthesize at ``iteration``: every queue full and iteration >= start_iter.
@@ -409,7 +470,7 @@ class VirtualOutlierSynthesizer(nn.Module):
             return False
         full = self.is_full()
         if not full and "waiting" not in self._announced:
-            fill = ", ".join(f"{k}: {int(c)}/{self.queue_size}" for k, c in enumerate(self.queue_count.tolist()))
+            fill = ", ".join(f"{k}: {c}/{self.queue_size}" for k, c in enumerate(self._counters()[0].tolist()))
             logger.info("Iteration %d reached MODEL.OOD.START_ITER=%d, but outlier synthesis waits for every "
                         "class queue to fill (class: features held/MODEL.OOD.QUEUE_SIZE): %s",
                         iteration, self.start_iter, fill)
@@ -422,7 +483,7 @@ class VirtualOutlierSynthesizer(nn.Module):
     # ---- Gaussian fit ----
     def class_means(self) -> torch.Tensor:
         """(K, D) float64 means of the queued features of each class (every queue non-empty)."""
-        if bool((self.queue_count == 0).any()):
+        if bool((self._counters()[0] == 0).any()):
             raise RuntimeError("a class queue is empty: no class mean yet")
         if self._stats_stale:
             self._refresh_stats()
@@ -430,21 +491,25 @@ class VirtualOutlierSynthesizer(nn.Module):
 
     def covariance(self) -> torch.Tensor:
         """(D, D) float64 shared covariance: pooled within-class scatter / count, + cov_eps * I."""
-        means = self.class_means()
+        return self._covariance(self.class_means())
+
+    def _covariance(self, means: torch.Tensor) -> torch.Tensor:
         scatter = self._outer - (self._sum.t() @ means)  # sum_k n_k mu_k mu_k^T = S^T mu
-        cov = (scatter + scatter.t()) / (2.0 * float(self.queue_count.sum()))
-        return cov + self.cov_eps * torch.eye(self.feature_dim, dtype=cov.dtype, device=cov.device)
+        cov = (scatter + scatter.t()) / (2.0 * float(self._counters()[0].sum()))
+        cov.diagonal().add_(self.cov_eps)
+        return cov
 
     def _gaussian(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K, D) means and (D, D) Cholesky factor of the covariance, refitted every refit_period writes."""
         if self._gaussian_cache is None or self._writes_since_fit >= self.refit_period:
-            factor, info = torch.linalg.cholesky_ex(self.covariance())
-            if int(info) != 0:
+            means = self.class_means()
+            factor, info = torch.linalg.cholesky_ex(self._covariance(means))
+            if int(info) != 0:  # the one wait for the device per refit
                 raise RuntimeError(
                     "the shared feature covariance is not positive definite: the box features are "
                     "degenerate or training is diverging; lower SOLVER.BASE_LR, or raise MODEL.OOD.COV_EPS "
                     f"(now {self.cov_eps})")
-            self._gaussian_cache = (self.class_means(), factor)
+            self._gaussian_cache = (means, factor)
             self._writes_since_fit = 0
         return self._gaussian_cache
 
@@ -470,11 +535,11 @@ class VirtualOutlierSynthesizer(nn.Module):
         # K x S radii: scalar work for the CPU (the chi-squared inversion iterates); on a GPU it
         # would be dozens of tiny kernels, each waited for.
         on_cpu = generator is None or generator.device.type == "cpu"
-        radii = top_chi_radii(self.num_candidates, S, D, K, generator if on_cpu else None).to(device)  # (K, S)
+        radii = host_to_device(top_chi_radii(self.num_candidates, S, D, K, generator if on_cpu else None), device)
         on_device = generator is not None and generator.device == torch.device(device)
         steps = radii[..., None] * random_unit_vectors((K, S), D, generator if on_device else None, device)
         outliers = means[:, None, :] + steps @ factor.t()
-        labels = torch.arange(K, device=device).repeat_interleave(S)
+        labels = torch.arange(K * S, device=device).div_(S, rounding_mode="floor")  # K x S: 0..0, 1..1, ...
         return outliers.reshape(K * S, D).to(self.queue.dtype), labels
 
     def sample_if_ready(self, iteration: int, generator: Optional[torch.Generator] = None):
@@ -489,8 +554,8 @@ class VirtualOutlierSynthesizer(nn.Module):
 def _plan_writes(labels, count, ptr, queue_size: int, fill_only: bool):
     """
     Where one batch of features goes (all CPU tensors). Returns None when nothing is written, else
-    (index of the features kept, their labels, their slots, which slots held a feature (evicted),
-    the new counts, the new write pointers).
+    the int64 tensors (index of the features kept (increasing), their labels, their slots, class and
+    slot of each queued feature they evict, the new counts, the new write pointers).
 
     Args:
         labels: (B,) int64, any value (those outside [0, K) are dropped).
@@ -512,9 +577,10 @@ def _plan_writes(labels, count, ptr, queue_size: int, fill_only: bool):
         return None
     kept = labels[index]
     slots = (ptr[kept] + rank) % queue_size
-    evicted = torch.nonzero(slots < count[kept]).squeeze(1)
+    evicted = slots < count[kept]
     added = counts.clamp(max=queue_size)
-    return index, kept, slots, evicted, (count + added).clamp(max=queue_size), (ptr + added) % queue_size
+    return (index, kept, slots, kept[evicted], slots[evicted], (count + added).clamp(max=queue_size),
+            (ptr + added) % queue_size)
 
 
 def _rank_within_class(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
