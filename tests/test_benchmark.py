@@ -600,3 +600,24 @@ def test_reuse_and_a_second_seed_give_paired_intervals(two_seeds, bench):
     if diffs[0] != diffs[1]:
         assert (comp["ci95_low"], comp["ci95_high"]) == pytest.approx((ref.low, ref.high))
     assert all(r["n_seeds"] == 2 for r in res["rows"])
+
+
+def test_committed_benchmark_recomputes_from_its_committed_records(repo_root):
+    """Every number of the committed benchmark's quality part traces back to raw boxes: the runs'
+    records (committed beside the JSON) give back each run's rows, and from them the means, sds and
+    paired intervals that the JSON and the README report."""
+    from ood_det.evaluation.record import load_record, recompute_rows
+
+    folder = repo_root / "docs" / "results"
+    res = json.loads((folder / f"{STEM}.json").read_text())
+    assert res["runs"] and all(run.get("record") for run in res["runs"])
+    assert sum((folder / run["record"]).stat().st_size for run in res["runs"]) < 6 * 2**20  # a few MB in all
+    recomputed = []
+    for run in res["runs"]:
+        rows = recompute_rows(*load_record(folder / run["record"]))
+        recomputed.append({**run, "rows": rows})
+    same = lambda v: pytest.approx(v, abs=1e-9) if isinstance(v, float) else v  # noqa: E731
+    for mine, theirs in zip(stats.aggregate(recomputed, res["configured_score"]), res["rows"]):
+        assert mine == {k: same(v) for k, v in theirs.items()}
+    for mine, theirs in zip(stats.comparisons(recomputed, res["configured_score"]), res["comparisons"]):
+        assert mine == {k: same(v) for k, v in theirs.items()}
