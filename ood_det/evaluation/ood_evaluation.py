@@ -32,10 +32,10 @@ from detectron2.utils import comm
 
 from ..errors import ConfigError
 from ..utils import atomic_write
-from .boxes import OODEvaluator, score_fields, select
-from .calibration import calibrate, confidence_threshold, dataset_dicts_of, find_box_predictor, find_scorer
+from .boxes import OODEvaluator, f1_optimal_threshold, score_fields, select
+from .calibration import calibrate, dataset_dicts_of, find_box_predictor, find_scorer
 from .loader import run_inference, skipped_record
-from .metrics import METRIC_KEYS, format_metrics_table, ood_metrics
+from .metrics import METRIC_KEYS, format_metrics_table
 from .openset import (
     OPENSET_KEYS,
     OPENSET_PROTOCOL,
@@ -44,7 +44,7 @@ from .openset import (
     objects_from_dicts,
     openset_metrics,
 )
-from .record import RECORD_FILE, build_record, save_record
+from .record import RECORD_FILE, build_record, metric_rows, save_record
 
 logger = logging.getLogger(__name__)
 
@@ -73,27 +73,14 @@ def _id_scores(scorer, arrays, score=None) -> np.ndarray:
 
 
 def _metric_rows(scorer, id_boxes, ood_name, ood_boxes, thresholds):
-    rows = []
-    for protocol in PROTOCOLS:
-        thr = thresholds[protocol]
-        id_kept = select(id_boxes, id_boxes["scores"] >= thr)
-        ood_kept = select(ood_boxes, ood_boxes["scores"] >= thr)
-        for score in scorer.available_scores:
-            row = {"ood_set": ood_name, "protocol": protocol, "score": score, "conf_threshold": thr}
-            if len(id_kept["scores"]) == 0 or len(ood_kept["scores"]) == 0:
-                logger.warning("%s / %s protocol: no box passes confidence %.3f", ood_name, protocol, thr)
-                row.update({k: None for k in METRIC_KEYS}, num_id=len(id_kept["scores"]),
-                           num_ood=len(ood_kept["scores"]))
-            else:
-                row.update(ood_metrics(_id_scores(scorer, id_kept, score), _id_scores(scorer, ood_kept, score)))
-            rows.append(row)
-    return rows
+    return metric_rows(id_boxes, ood_name, ood_boxes, {p: thresholds[p] for p in PROTOCOLS}, scorer.available_scores,
+                       lambda kept, score: _id_scores(scorer, kept, score))
 
 
-def _objects(id_name, ood_names, image_ids):
+def _objects(id_name, id_dicts, ood_names, image_ids):
     """dataset -> ``{image id: ImageObjects}`` of its evaluated images; None for an OOD set without
     object annotations (an OOD set may come as images only)."""
-    objects = {id_name: objects_from_dicts(dataset_dicts_of(id_name, image_ids[id_name]))}
+    objects = {id_name: objects_from_dicts(id_dicts)}
     for name in ood_names:
         dicts = dataset_dicts_of(name, image_ids[name])
         objects[name] = objects_from_dicts(dicts, ood=True) if annotated(dicts, ood=True) else None
@@ -146,15 +133,16 @@ def evaluate_ood(cfg, model, build_evaluator):
         boxes[name], image_ids[name] = res["ood_boxes"], res["image_ids"]
 
     num_classes = find_box_predictor(model).num_classes
+    id_dicts = dataset_dicts_of(id_name, image_ids[id_name])  # read once: published threshold, open-set metrics
     thresholds = {
         "clean": float(scorer.conf_threshold),
-        "published": confidence_threshold(boxes[id_name], id_name, image_ids[id_name], num_classes),
+        "published": f1_optimal_threshold(boxes[id_name], id_dicts, num_classes),
     }
     rows = []
     for name in cfg.DATASETS.OOD_TEST:
         rows += _metric_rows(scorer, boxes[id_name], name, boxes[name], thresholds)
     decided = {name: with_decision(scorer, arrays) for name, arrays in boxes.items()}
-    objects = _objects(id_name, cfg.DATASETS.OOD_TEST, image_ids)
+    objects = _objects(id_name, id_dicts, cfg.DATASETS.OOD_TEST, image_ids)
     _add_openset(rows, scorer, id_name, decided, objects, thresholds["clean"])
     results["ood"] = {
         name: {p: {r["score"]: {k: r[k] for k in (*METRIC_KEYS, *OPENSET_KEYS) if r.get(k) is not None} for r in rows

@@ -21,6 +21,7 @@ id scores float64, so :func:`recompute_rows` gives back the rows exactly, with t
 the evaluation uses (:mod:`.metrics`, :mod:`.openset`).
 """
 import json
+import logging
 
 import numpy as np
 
@@ -29,8 +30,33 @@ from .boxes import select
 from .metrics import METRIC_KEYS, ood_metrics
 from .openset import OPENSET_PROTOCOL, ImageObjects, openset_metrics
 
+logger = logging.getLogger(__name__)
+
 RECORD_FILE = "ood_record.npz"
 SEP = ":"
+
+
+def metric_rows(id_boxes, ood_name, ood_boxes, thresholds, scores, id_scores_fn):
+    """The rows of one OOD set, protocol x score: the one computation behind ``ood_results.json``
+    (from the model's boxes) and :func:`recompute_rows` (from a record).
+
+    Args:
+        thresholds: protocol -> confidence threshold; a box is kept at ``scores >= threshold``.
+        id_scores_fn: ``(kept box arrays, score) -> np.ndarray`` of id scores.
+    """
+    rows = []
+    for protocol, thr in thresholds.items():
+        id_kept, ood_kept = (select(b, b["scores"] >= thr) for b in (id_boxes, ood_boxes))
+        for score in scores:
+            row = {"ood_set": ood_name, "protocol": protocol, "score": score, "conf_threshold": thr}
+            if len(id_kept["scores"]) == 0 or len(ood_kept["scores"]) == 0:
+                logger.warning("%s / %s protocol: no box passes confidence %.3f", ood_name, protocol, thr)
+                row.update({k: None for k in METRIC_KEYS}, num_id=len(id_kept["scores"]),
+                           num_ood=len(ood_kept["scores"]))
+            else:
+                row.update(ood_metrics(id_scores_fn(id_kept, score), id_scores_fn(ood_kept, score)))
+            rows.append(row)
+    return rows
 
 
 def _objects_arrays(name, images, objects):
@@ -117,20 +143,15 @@ def recompute_rows(meta, arrays):
     id_name, rows = meta["id_test_set"], []
     id_boxes = box_arrays(meta, arrays, id_name)
     id_objects = objects_of(meta, arrays, id_name) if meta["datasets"][id_name]["objects"] else None
+    thresholds = meta["conf_thresholds"]
     for name, info in meta["datasets"].items():
         if name == id_name:
             continue
         ood_boxes = box_arrays(meta, arrays, name)
-        for protocol, thr in meta["conf_thresholds"].items():
-            id_kept, ood_kept = (select(b, b["scores"] >= thr) for b in (id_boxes, ood_boxes))
-            for score in meta["scores"]:
-                ids, oods = id_kept[f"id{SEP}{score}"], ood_kept[f"id{SEP}{score}"]
-                row = {"ood_set": name, "protocol": protocol, "score": score, "conf_threshold": thr}
-                if len(ids) and len(oods):
-                    row.update(ood_metrics(ids, oods))
-                else:
-                    row.update({k: None for k in METRIC_KEYS}, num_id=len(ids), num_ood=len(oods))
-                if info["objects"] and (protocol, score) == (OPENSET_PROTOCOL, meta["score"]):
-                    row.update(openset_metrics(ood_boxes, objects_of(meta, arrays, name), thr, id_boxes, id_objects))
-                rows.append(row)
+        for row in metric_rows(id_boxes, name, ood_boxes, thresholds, meta["scores"],
+                               lambda kept, score: kept[f"id{SEP}{score}"]):
+            if info["objects"] and (row["protocol"], row["score"]) == (OPENSET_PROTOCOL, meta["score"]):
+                row.update(openset_metrics(ood_boxes, objects_of(meta, arrays, name), thresholds[OPENSET_PROTOCOL],
+                                           id_boxes, id_objects))
+            rows.append(row)
     return rows
