@@ -70,13 +70,10 @@ def filter_ood(instances: dict, id_set: str, source: Path) -> dict:
         )
     overlap_ids = {names[n] for n in overlap}
     dropped = {a["image_id"] for a in instances.get("annotations", []) if a["category_id"] in overlap_ids}
+    out = pc.without_images(instances, dropped)
     # copies: each output gets its sizes checked and corrected on its own
-    images = [dict(im) for im in instances["images"] if im["id"] not in dropped]
-    kept = {im["id"] for im in images}
-    out = {k: v for k, v in instances.items() if k not in ("images", "annotations")}
-    out["images"] = images
-    out["annotations"] = [dict(a) for a in instances.get("annotations", []) if a["image_id"] in kept]
-    return out
+    return dict(out, images=[dict(im) for im in out["images"]],
+                annotations=[dict(a) for a in out.get("annotations", [])])
 
 
 def from_literature(literature: Path, target: str):
