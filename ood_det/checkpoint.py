@@ -210,6 +210,17 @@ class OODCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, inference_only: bool = False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.inference_only = inference_only
+        #: Model-entry prefixes to read from the file (None: all); the others keep the model's values.
+        self.only_prefixes = None
+
+    def load_trunk(self, path, prefixes):
+        """Only the entries under ``prefixes`` of the detector in ``path`` (a trunk); the rest of the
+        model keeps its fresh initialization, and neither iteration nor optimizer is read."""
+        self.only_prefixes = tuple(prefixes)
+        try:
+            return self.load(path, checkpointables=[])
+        finally:
+            self.only_prefixes = None
 
     def save(self, name: str, **kwargs) -> None:
         """Like fvcore's ``Checkpointer.save``, but atomic: see the module docstring."""
@@ -289,6 +300,13 @@ class OODCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         state = checkpoint.get("model", {})
         keep = ()  # model entries that keep their own values, unreported
+        if self.only_prefixes is not None:
+            for key in [k for k in state if not _strip(k).startswith(self.only_prefixes)]:
+                del state[key]
+            if not state:
+                raise CheckpointError(f"checkpoint {getattr(self, '_loading', '?')} holds no "
+                                      f"{', '.join(self.only_prefixes)} entries to start from")
+            keep += tuple(k for k in self.model.state_dict() if not _strip(k).startswith(self.only_prefixes))
         if self.inference_only:
             keep += (TRAINING_ONLY,)
             for key in [k for k in state if _strip(k).startswith(TRAINING_ONLY)]:

@@ -85,6 +85,26 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.QUEUE_ROTATION = "all_full"
     # "all_gather": every process queues the features of all processes; "local" (VOS): its own only.
     _C.MODEL.OOD.QUEUE_SYNC = "all_gather"
+    # Every DIAGNOSTICS_PERIOD iterations the logistic energy loss's slope and bias go to the event
+    # storage (ood/energy_slope, ood/energy_bias; 0 = never). detectron2 writes metrics.json every 20
+    # iterations with the latest values, so a multiple of 20 keeps every logged value there.
+    _C.MODEL.OOD.DIAGNOSTICS_PERIOD = 20
+
+    # The trunk regime (what users do with pretrained weights): CONFIG names the config of a plain
+    # detector trained first, on training splits only; its backbone and proposal generator then
+    # initialise this model, whose box head and predictor start fresh. "" = train from MODEL.WEIGHTS.
+    _C.MODEL.OOD.TRUNK = CN()
+    _C.MODEL.OOD.TRUNK.CONFIG = ""
+    # KEY VALUE overrides of the trunk's config (its SEED, MODEL.DEVICE and data-loader workers
+    # are this config's).
+    _C.MODEL.OOD.TRUNK.OPTS = []
+    # Where trained trunks are kept, one folder per key (config, seed, data and code versions),
+    # so that every method and setting of a seed shares one; "" = OUTPUT_DIR/trunks.
+    _C.MODEL.OOD.TRUNK.CACHE_DIR = ""
+
+    # Fractions of SOLVER.MAX_ITER at which training pauses to calibrate and evaluate, so that a
+    # run shows where it converged (OUTPUT_DIR/convergence.json); () = only at the end.
+    _C.TEST.CONVERGENCE_POINTS = ()
 
     # In-distribution validation split(s) on which OOD thresholds are calibrated (never a test set).
     _C.DATASETS.OOD_CALIBRATION = ()

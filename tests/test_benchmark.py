@@ -14,12 +14,15 @@ from scipy import stats as scipy_stats  # a test extra of the project: the indep
 from ood_det.benchmark import cost, report, runs, stats
 from ood_det.config import load_config
 from ood_det.data.synthetic import SPLITS, generate_split, shapes_dir
+from ood_det.errors import ConfigError
 
 from conftest import run_tool
 
 MAX_ITER = 4
 TINY_IMAGES = {"train": 8, "val": 24}  # every other split: 4 images; val: enough boxes to calibrate
+TINY_TRUNK = "['SOLVER.MAX_ITER', '2', 'SOLVER.IMS_PER_BATCH', '2', 'SOLVER.STEPS', '()', 'SOLVER.WARMUP_ITERS', '1']"
 OPTS = [
+    "MODEL.OOD.TRUNK.OPTS", TINY_TRUNK,
     "SOLVER.IMS_PER_BATCH", "2",
     "DATALOADER.NUM_WORKERS", "0",
     "MODEL.OOD.QUEUE_SIZE", "2",
@@ -397,9 +400,53 @@ def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
     plan = runs.plan_quality()
     assert plan["seeds"] == [0, 1, 2, 3, 4] and plan["schedule_scale"] == 1.0 and plan["schedule_opts"] == []
     assert plan["config_scores"] == CONFIGURED
+    assert plan["regime"] == "trunk" and plan["trunk_config"] == "shapes_trunk.yaml" and plan["num_classes"] == [8]
+    assert plan["convergence_points"] == list(runs.CONVERGENCE_POINTS) and 0.75 in plan["convergence_points"]
+    # Quick, trunk regime: the methods' whole schedule (converged), on a trunk of half its own; no points.
     quick = runs.plan_quality(quick=True)
-    assert quick["seeds"] == [0] and quick["schedule_scale"] == pytest.approx(1 / 3)
-    assert quick["schedule"]["SOLVER.MAX_ITER"] == round(plan["schedule"]["SOLVER.MAX_ITER"] / 3)
+    assert quick["seeds"] == [0] and quick["schedule_scale"] == 1.0 and quick["convergence_points"] == []
+    trunk_opts = quick["opts"][quick["opts"].index("MODEL.OOD.TRUNK.OPTS") + 1]
+    trunk_iters = load_config("shapes_trunk.yaml").SOLVER.MAX_ITER
+    assert f"'SOLVER.MAX_ITER', '{round(trunk_iters * runs.QUICK_TRUNK_SCALE)}'" in trunk_opts
+    # The user's own trunk overrides win.
+    mine = runs.plan_quality(quick=True, opts=["MODEL.OOD.TRUNK.OPTS", "['SOLVER.MAX_ITER', '9']"])
+    assert mine["opts"].count("MODEL.OOD.TRUNK.OPTS") == 1
+    # From scratch, quick scales the schedule.
+    scratch = runs.plan_quality(quick=True, config_prefix="shapes_scratch_")
+    assert scratch["regime"] == "scratch" and scratch["schedule_scale"] == pytest.approx(1 / 3)
+    with pytest.raises(ConfigError, match="convergence points"):
+        runs.plan_quality(convergence_points=[1.0])
+
+
+def test_methods_with_different_trunks_are_refused(tmp_path, monkeypatch):
+    real = runs.read_config
+
+    def read(config_file, opts):
+        found = real(config_file, opts)
+        return (*found[:4], "other_trunk.yaml" if "vos" in config_file else found[4], found[5])
+
+    monkeypatch.setattr(runs, "read_config", read)
+    with pytest.raises(ConfigError, match="different trunks"):
+        runs.plan_quality()
+
+
+def test_convergence_means_over_seeds_per_method_and_point():
+    def run(method, seed, points):
+        conv = [{"iter": it, "fraction": f, "map": {"AP": ap},
+                 "rows": [{"ood_set": "shapes_ood", "fpr95": near}, {"ood_set": "shapes_ood_far", "fpr95": far}]}
+                for it, f, ap, near, far in points]
+        return {"method": method, "seed": seed, "returncode": 0, "convergence": conv}
+
+    records = [run("vanilla", 0, [(5, 0.5, 60.0, 0.9, 0.8), (10, 1.0, 70.0, 0.8, 0.6)]),
+               run("vanilla", 1, [(5, 0.5, 62.0, 0.7, 0.6), (10, 1.0, 72.0, 0.6, 0.4)]),
+               run("vos", 0, [(10, 1.0, 50.0, 0.5, 0.5)]),
+               {"method": "vos", "seed": 1, "returncode": 1}]
+    points = report.convergence(records)
+    assert [(p["method"], p["fraction"], p["n_seeds"]) for p in points] == [
+        ("vanilla", 0.5, 2), ("vanilla", 1.0, 2), ("vos", 1.0, 1)]
+    assert points[0]["ap_mean"] == pytest.approx(61.0) and points[0]["ap_std"] == pytest.approx(math.sqrt(2))
+    assert points[0]["near_fpr95_mean"] == pytest.approx(80.0) and points[1]["far_fpr95_mean"] == pytest.approx(50.0)
+    assert report.convergence_gaps(points, last=1.0, before=0.5) == {"vanilla": pytest.approx(10.0)}
 
 
 def test_default_jobs_share_a_cpu_but_not_a_gpu():
@@ -466,6 +513,7 @@ def bench(tmp_path_factory, tiny_data):
     out, res_dir = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("results")
     proc = run_tool(
         "benchmark.py", "--quick", "--max-iter", MAX_ITER, "--cost-scale", "tiny", "--threads", 1, "--output", out,
+        "--convergence-points", 0.5,
         "--results-dir", res_dir, "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -478,6 +526,7 @@ def two_seeds(bench, tiny_data):
     out = bench[0]
     proc = run_tool(
         "benchmark.py", "--seeds", 0, 1, "--max-iter", MAX_ITER, "--skip-cost", "--reuse", "--threads", 1,
+        "--convergence-points", 0.5,
         "--output", out, "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -493,7 +542,7 @@ def test_json_has_every_documented_key(bench):
     assert res["commit"] is None or len(res["commit"]) == 40
     assert res["worktree_dirty"] in (True, False, None)
     assert res["files"] == {"json": f"{STEM}.json", "markdown": f"{STEM}.md", "chart": f"{STEM}.png",
-                            "unknowns_chart": f"{STEM}_unknowns.png"}
+                            "unknowns_chart": f"{STEM}_unknowns.png", "convergence_chart": f"{STEM}_convergence.png"}
     assert (out / "progress.json").is_file() and not (out / f"{STEM}.json").exists()
     assert res["configured_score"] == CONFIGURED
     assert set(res["cost"]) == COST_KEYS
@@ -519,7 +568,7 @@ def test_quick_runs_one_seed_of_each_method_on_a_scaled_schedule(bench):
         assert set(run) >= RUN_KEYS and run["returncode"] == 0 and run["wall_time_s"] > 0
         args = run["train_net_args"]
         assert args[:2] == ["--config-file", f"shapes_{run['method']}.yaml"]
-        assert args[-2:] == ["SEED", "0"] and "SOLVER.MAX_ITER" in args
+        assert ["SEED", "0"] in [args[i:i + 2] for i in range(len(args))] and "SOLVER.MAX_ITER" in args
         assert (out / run["output_dir"] / "ood_results.json").is_file()
     log = (out / res["runs"][2]["log"]).read_text()
     assert "Virtual outlier synthesis start" in log  # START_ITER scaled with the schedule
@@ -621,3 +670,26 @@ def test_committed_benchmark_recomputes_from_its_committed_records(repo_root):
         assert mine == {k: same(v) for k, v in theirs.items()}
     for mine, theirs in zip(stats.comparisons(recomputed, res["configured_score"]), res["comparisons"]):
         assert mine == {k: same(v) for k, v in theirs.items()}
+
+
+def test_trunk_regime_end_to_end_one_trunk_per_seed_and_a_convergence_record(two_seeds, bench):
+    """Every method of a seed starts from that seed's trunk, trained once in the run folder's cache
+    (the second command reuses seed 0's); every run is evaluated half-way and at its end."""
+    out, res, _ = two_seeds
+    assert res["regime"] == "trunk" and res["num_classes"] == 8
+    assert [(t["seed"], t["returncode"], t["reused"]) for t in res["trunks"]] == [(0, 0, True), (1, 0, False)]
+    assert not bench[2]["trunks"][0]["reused"]
+    keys = sorted(p.name for p in (out / "trunks").iterdir() if p.is_dir())
+    assert len(keys) == 2  # one per seed, shared by the three methods and by both commands
+    for run in res["runs"]:
+        assert "reusing" in (out / run["log"]).read_text()  # the method found its seed's trunk
+        assert [p["fraction"] for p in run["convergence"]] == [0.5, 1.0]
+        assert [p["iter"] for p in run["convergence"]] == [MAX_ITER // 2, MAX_ITER]
+        final = run["convergence"][-1]
+        assert final["map"] == run["map"]
+        assert all(r["protocol"] == "clean" and r["score"] == CONFIGURED[run["method"]] for r in final["rows"])
+    assert [(p["method"], p["fraction"], p["n_seeds"]) for p in res["convergence"]] == [
+        (m, f, 2) for m in runs.METHODS for f in (0.5, 1.0)]
+    md = (out / f"{STEM}.md").read_text()
+    assert "### Convergence" in md and "Regime: trunk (8 in-distribution classes)" in md
+    assert (out / f"{STEM}_convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -39,7 +39,7 @@ def data(tmp_path_factory):
 
 def _cfg(out, *opts):
     return load_config("shapes_energy_cfl", [
-        "MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(out),
+        "MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(out), "MODEL.OOD.TRUNK.CONFIG", "",
         "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "40", "SOLVER.WARMUP_ITERS", "5", "SOLVER.STEPS", "()",
         "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "0",
         "MODEL.OOD.START_ITER", "10", "MODEL.OOD.QUEUE_SIZE", "4", "MODEL.OOD.NUM_CANDIDATES", "1000000",

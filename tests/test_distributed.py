@@ -8,6 +8,7 @@ from ood_det.engine import launch
 from reliability_runner import SIZES, distributed_worker
 
 OPTS = [
+    "MODEL.OOD.TRUNK.CONFIG", "",  # from scratch: the trunk regime has its own tests (test_trunk.py)
     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "8", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
     "SOLVER.CHECKPOINT_PERIOD", "4", "DATALOADER.NUM_WORKERS", "0",
     "MODEL.OOD.START_ITER", "2", "MODEL.OOD.QUEUE_SIZE", "2", "MODEL.OOD.NUM_CANDIDATES", "100",

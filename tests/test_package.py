@@ -93,7 +93,8 @@ def test_import_adds_exactly_the_project_names(fresh_catalogs):
 def test_import_registers_shapes_splits():
     for split in ("train", "val", "test", "ood", "ood_far", "tune", "ood_tune"):
         assert f"shapes_{split}" in DatasetCatalog.list()
-    assert MetadataCatalog.get("shapes_train").thing_classes == ["circle", "square", "triangle", "hexagon"]
+    assert MetadataCatalog.get("shapes_train").thing_classes == [
+        "circle", "square", "triangle", "hexagon", "rectangle", "diamond", "semicircle", "trapezoid"]
     assert MetadataCatalog.get("shapes_ood").is_ood is True and MetadataCatalog.get("shapes_ood_far").is_ood is True
 
 

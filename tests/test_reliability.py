@@ -45,6 +45,7 @@ PREFIX = "reltiny"  # in this process; the runner registers the same data as "ti
 TIMEOUT = 600
 MAX_ITER, PERIOD = 6, 2
 FAST = [
+    "MODEL.OOD.TRUNK.CONFIG", "",  # from scratch: the trunk regime has its own tests (test_trunk.py)
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.WARMUP_ITERS", "1",
     "SOLVER.STEPS", "()",
@@ -423,7 +424,9 @@ BAD_CASES = {
     "out_of_image_box": (lambda d, tmp: d["annotations"][0].update(bbox=[300.0, 20.0, 30.0, 30.0]),
                          "lies outside the 128x128 image"),
     "no_annotations": (lambda d, tmp: d.update(annotations=[]), "no annotations"),
-    "unknown_category": (lambda d, tmp: d["annotations"][0].update(category_id=7), "category_id 7 is not one of"),
+    # one past the last class, whatever the number of classes
+    "unknown_category": (lambda d, tmp: d["annotations"][0].update(category_id=len(ID_CLASSES)),
+                         f"category_id {len(ID_CLASSES)} is not one of"),
     # a readable image whose json gives another size: named as such, with the fix, not as unreadable
     "size_mismatch": (lambda d, tmp: d.update(width=256, height=200),
                       "size mismatch (the file is fine): its json says 256x200, the image is 128x128"),

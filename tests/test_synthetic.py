@@ -1,11 +1,12 @@
 """The synthetic shapes generator: determinism, valid COCO, splits as documented."""
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from PIL import Image
+from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from scipy.spatial import ConvexHull
 
@@ -99,7 +100,7 @@ def test_box_is_tight_around_the_drawn_shape(tmp_path, split):
 def test_split_sizes_follow_the_protocol():
     n = {split: spec.num_images for split, spec in synthetic.SPLITS.items()}
     assert min(n["test"], n["ood"], n["ood_far"]) >= 1000  # test sets where seed noise is ~1 FPR95 point
-    assert (n["train"], n["val"], n["tune"]) == (1600, 200, 200) and 200 <= n["ood_tune"] <= 300
+    assert (n["train"], n["val"], n["tune"], n["ood_tune"]) == (2400, 300, 300, 300)
 
 
 def test_ood_splits_hold_only_their_own_novel_classes(tmp_path):
@@ -118,6 +119,116 @@ def test_ood_splits_hold_only_their_own_novel_classes(tmp_path):
 def test_tuning_classes_are_not_test_classes():
     tune = set(synthetic.SPLITS["ood_tune"].classes)
     assert tune and not tune & (set(synthetic.SPLITS["ood"].classes) | set(synthetic.SPLITS["ood_far"].classes))
+
+
+def test_eight_id_classes_and_disjoint_class_groups():
+    assert synthetic.ID_CLASSES == ("circle", "square", "triangle", "hexagon",
+                                    "rectangle", "diamond", "semicircle", "trapezoid")
+    groups = [synthetic.ID_CLASSES, synthetic.NEAR_OOD_CLASSES, synthetic.FAR_OOD_CLASSES, synthetic.TUNE_OOD_CLASSES]
+    every = [c for g in groups for c in g]
+    assert len(set(every)) == len(every)  # no class in two groups, nor twice in one
+    assert {s: spec.classes for s, spec in synthetic.SPLITS.items() if spec.ood} == {
+        "ood": synthetic.NEAR_OOD_CLASSES, "ood_far": synthetic.FAR_OOD_CLASSES, "ood_tune": synthetic.TUNE_OOD_CLASSES}
+    synthetic.check_class_splits()
+
+
+@pytest.mark.parametrize("group, classes, shared", [
+    ("TUNE_OOD_CLASSES", ("ellipse", "star"), "NEAR_OOD_CLASSES and TUNE_OOD_CLASSES share star"),
+    ("NEAR_OOD_CLASSES", ("ring", "hexagon", "cross"), "ID_CLASSES and NEAR_OOD_CLASSES share hexagon"),
+    ("FAR_OOD_CLASSES", ("glyph", "heart"), "FAR_OOD_CLASSES and TUNE_OOD_CLASSES share heart"),
+])
+def test_overlapping_class_groups_are_refused(monkeypatch, tmp_path, group, classes, shared):
+    monkeypatch.setattr(synthetic, group, classes)
+    with pytest.raises(DatasetError, match=shared):
+        synthetic.check_class_splits()
+    with pytest.raises(DatasetError, match=shared):  # registration checks before registering anything
+        synthetic.register_shapes_splits("overlapshapes", root=tmp_path)
+    assert "overlapshapes_train" not in DatasetCatalog.list()
+
+
+def test_split_of_no_whole_group_is_refused(monkeypatch):
+    splits = dict(synthetic.SPLITS, ood=synthetic.SplitSpec(10, ("ring", "star"), 3))
+    monkeypatch.setattr(synthetic, "SPLITS", splits)
+    with pytest.raises(DatasetError, match=r"SPLITS\['ood'\] draws ring, star, not one of ID_CLASSES"):
+        synthetic.check_class_splits()
+
+
+def _solidity(mask):
+    """Area / convex hull area, the hull taken around the pixels' corners."""
+    ys, xs = np.nonzero(mask)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    return mask.sum() / ConvexHull(corners).volume
+
+
+def _outline(name, seed, r, angle=0.0):
+    """Mask (PIL 'L') of one object of class ``name``, drawn large and alone: its outline, free of pixel steps."""
+    rng, img = np.random.default_rng(seed), Image.new("L", (int(4.5 * r),) * 2, 0)
+    synthetic.OUTLINES[name](ImageDraw.Draw(img), img.width / 2, img.height / 2, r, angle, rng)
+    return img
+
+
+@pytest.mark.parametrize("name", synthetic.ID_CLASSES)
+def test_id_classes_are_convex(name):
+    for seed in range(3):
+        mask = np.asarray(_outline(name, seed, 150, angle=seed)) > 0
+        assert _solidity(mask) > 0.97, (name, seed)
+
+
+def test_convexity_check_sees_the_concave_classes():
+    for name in ("ring", "star", "cross", "crescent", "arrow", "heart"):
+        assert _solidity(np.asarray(_outline(name, 0, 150)) > 0) < 0.95, name
+
+
+TURNS = range(0, 360, 6)
+
+
+def _normalised(img, degrees, side=64, area=600.0):
+    """The mask centred on its centroid, scaled to ``area`` pixels, turned: outlines then compare by IoU."""
+    mask = np.asarray(img) > 0
+    ys, xs = np.nonzero(mask)
+    scale, t = np.sqrt(mask.sum() / area), np.radians(degrees)
+    c, s, h = np.cos(t) * scale, np.sin(t) * scale, side / 2
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    affine = (c, -s, cx - (c - s) * h, s, c, cy - (s + c) * h)  # output pixel -> input pixel
+    return np.asarray(img.transform((side, side), Image.AFFINE, affine, resample=Image.BILINEAR)) > 127
+
+
+def _best_iou(img_a, img_b):
+    """IoU of two normalised masks, at the turn of the second that matches the first best."""
+    fixed = _normalised(img_a, 0)
+    turned = np.stack([_normalised(img_b, d) for d in TURNS])
+    return ((turned & fixed).sum((1, 2)) / (turned | fixed).sum((1, 2))).max()
+
+
+def _outline_iou(a, b, seeds=(0, 1, 2)):
+    """How alike the outlines of classes ``a`` and ``b`` are (1: the same): mean over seeds."""
+    return float(np.mean([_best_iou(_outline(a, seed, 40), _outline(b, seed, 40)) for seed in seeds]))
+
+
+# Circle and hexagon are the closest pair of ID outlines (the hexagon's corners tell them apart).
+CLOSEST_ID_PAIR, CLOSEST_ID_IOU = {"circle", "hexagon"}, 0.95
+
+
+def test_id_outlines_differ_pairwise():
+    for a, b in itertools.combinations(synthetic.ID_CLASSES, 2):
+        bound = CLOSEST_ID_IOU if {a, b} == CLOSEST_ID_PAIR else 0.9
+        assert _outline_iou(a, b) < bound, (a, b)
+
+
+def test_id_outlines_are_no_ood_outline():
+    """No ID outline coincides with an OOD class's; near OOD are look-alikes, so the bound is loose."""
+    for a in synthetic.ID_CLASSES:
+        for b in synthetic.NEAR_OOD_CLASSES + synthetic.FAR_OOD_CLASSES + synthetic.TUNE_OOD_CLASSES:
+            assert _outline_iou(a, b, seeds=(0,)) < 0.95, (a, b)
+
+
+@pytest.mark.parametrize("name", ["rectangle", "trapezoid"])
+def test_outline_iou_sees_one_shape_turned_and_resized(name):
+    """The measure above compares outlines only: one shape at another size and angle is the same.
+
+    48 degrees is one of ``TURNS``: in between, the measure is lower by the turn it misses.
+    """
+    assert _best_iou(_outline(name, 0, 40), _outline(name, 0, 28, angle=np.radians(48))) > 0.95
 
 
 def _objects_of(name, count=24):
@@ -156,7 +267,25 @@ def test_registered_splits_load_through_catalog(tiny):
         meta = MetadataCatalog.get(f"tinyshapes_{split}")
         assert meta.is_ood and meta.ood_classes == list(synthetic.SPLITS[split].classes)
         assert meta.thing_classes == list(synthetic.ID_CLASSES)
-    assert not MetadataCatalog.get("tinyshapes_tune").is_ood
+    for split in ("train", "val", "test", "tune"):
+        meta = MetadataCatalog.get(f"tinyshapes_{split}")
+        assert not meta.is_ood and meta.get("ood_classes") is None, split
+        assert meta.thing_classes == list(synthetic.ID_CLASSES)
+
+
+def test_every_class_has_one_category_id_across_splits(tiny):
+    for split in SIZES:
+        DatasetCatalog.get(f"tinyshapes_{split}")
+    folder = synthetic.shapes_dir(tiny, sizes=SIZES) / "annotations"
+    ids = {}
+    for split in SIZES:
+        for cat in json.loads((folder / f"{split}.json").read_text())["categories"]:
+            ids.setdefault(cat["name"], set()).add(cat["id"])
+    assert all(len(v) == 1 for v in ids.values()), ids
+    assert {n: i.pop() for n, i in ids.items()} == synthetic.CATEGORY_IDS
+    assert sorted(synthetic.CATEGORY_IDS.values()) == list(range(1, len(synthetic.CATEGORY_IDS) + 1))
+    id_map = MetadataCatalog.get("tinyshapes_train").thing_dataset_id_to_contiguous_id
+    assert id_map == {synthetic.CATEGORY_IDS[c]: i for i, c in enumerate(synthetic.ID_CLASSES)}
 
 
 def test_generated_once_then_reused(tiny):

@@ -16,6 +16,7 @@ from conftest import REPO, run_tool
 from reliability_runner import SIZES
 
 FAST = [
+    "MODEL.OOD.TRUNK.CONFIG", "",  # from scratch: the trunk regime has its own tests (test_trunk.py)
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.MAX_ITER", "6",
     "SOLVER.WARMUP_ITERS", "1",
@@ -33,7 +34,7 @@ FAST = [
     "DATASETS.OOD_TEST", "('tiny_ood', 'tiny_ood_far')",
 ]
 RESULT_KEYS = {"id_test_set", "map", "calibration", "conf_thresholds", "rows", "plots", "score_files",
-               "record_file", "unreadable_images"}
+               "record_file", "unreadable_images", "diagnostics"}
 ROW_KEYS = {"ood_set", "protocol", "score", "conf_threshold", "fpr95", "auroc", "aupr_in", "aupr_out", "num_id",
             "num_ood"}
 SCORES = ("energy", "msp", "representation", "combined")
@@ -221,13 +222,13 @@ def test_published_threshold_is_the_f1_rule_on_the_id_test_set(trained, data_roo
     (the clean one from validation boxes, at calibration)."""
     from detectron2.data import DatasetCatalog
 
-    from ood_det.data.synthetic import register_shapes_splits
+    from ood_det.data.synthetic import ID_CLASSES, register_shapes_splits
     from ood_det.evaluation.boxes import f1_optimal_threshold
 
     out, _ = trained
     register_shapes_splits("tiny", data_root, sizes=SIZES)
     boxes = dict(np.load(out / "ood_scores_tiny_test.npz"))
     results = json.loads((out / "ood_results.json").read_text())
-    published = f1_optimal_threshold(boxes, DatasetCatalog.get("tiny_test"), num_classes=4)
+    published = f1_optimal_threshold(boxes, DatasetCatalog.get("tiny_test"), num_classes=len(ID_CLASSES))
     assert results["conf_thresholds"]["published"] == pytest.approx(published)
     assert results["conf_thresholds"]["clean"] == results["calibration"]["conf_threshold"]

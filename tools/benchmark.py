@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Benchmark ood_det: three methods side by side with paired 95% intervals, and what the OOD head costs.
 
-    tools/benchmark.py                          # 5 seeds x (vanilla, vos, energy_cfl), then the cost
-    tools/benchmark.py --quick                  # 1 seed, a third of the schedule (9.7 min on 2 CPU cores)
+    tools/benchmark.py                          # 5 seeds x (trunk, vanilla, vos, energy_cfl), then the cost
+    tools/benchmark.py --quick                  # 1 seed, a trunk of half its schedule, converged methods
     tools/benchmark.py --skip-quality           # the cost ratios only (a few minutes on a CPU)
     tools/benchmark.py --validation             # on the tuning splits, for choosing hyper-parameters
     tools/benchmark.py --device cuda --config-prefix voc_ --skip-cost
 
 Every (method, seed) trains ``<prefix><method><suffix>.yaml`` in its own tools/train_net.py run
-under ``--output`` (default output/benchmark). The results go to ``--results-dir``:
+under ``--output`` (default output/benchmark). When those configs name a trunk (the shapes configs do:
+``MODEL.OOD.TRUNK.CONFIG``), each seed's trunk is trained first, once, on the training split, and
+kept under ``--trunk-cache`` (default ``<output>/trunks``) for every method and later run of that seed.
+Each run is also evaluated at 25%, 50% and 75% of its schedule (not with --quick): the
+convergence record. The results go to ``--results-dir``:
 ``<prefix>benchmark.json`` (every number), ``.md`` (the tables), ``.png`` (FPR95 / AUROC) and
 ``_unknowns.png`` (per method and OOD set: the OOD objects flagged / boxed as a known class / missed).
 The full benchmark's default is docs/results, the committed files; every other run (--quick,
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ood_det import benchmark as B  # imports ood_det first: its shims must precede detectron2
+from ood_det.benchmark.diagnostics import write_diagnostics
 from ood_det.config import resolve_config_file
 from ood_det.errors import OODDetError
 
@@ -43,7 +48,13 @@ def build_parser():
                    "benchmark, else --output)")
     p.add_argument("--device", default="cpu", help="torch device for training, evaluation and cost (default: cpu)")
     p.add_argument("--quick", action="store_true",
-                   help=f"one seed and the schedule scaled by {B.QUICK_SCALE:.3g} (9.7 min on 2 CPU cores, 2 jobs)")
+                   help=f"one seed; methods on their whole schedule, from a trunk trained {B.QUICK_TRUNK_SCALE:.2g} "
+                   f"of its own (without a trunk: the schedule scaled by {B.QUICK_SCALE:.3g}); no convergence points")
+    p.add_argument("--convergence-points", type=float, nargs="*", default=None,
+                   help="fractions of the schedule at which each run is also evaluated (default: "
+                   f"{' '.join(map(str, B.CONVERGENCE_POINTS))}; none with --quick)")
+    p.add_argument("--trunk-cache", default=None,
+                   help="folder of the trained trunks, shared by every run that names it (default: <output>/trunks)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(B.DEFAULT_SEEDS),
                    help="training seeds (default: %(default)s)")
     p.add_argument("--methods", nargs="+", choices=B.METHODS, default=list(B.METHODS), help="methods to train")
@@ -93,7 +104,9 @@ def plan(args):
     return B.plan_quality(
         args.methods, args.seeds, quick=args.quick, validation=args.validation, opts=args.opts,
         config_prefix=args.config_prefix, config_suffix=args.config_suffix, schedule_scale=args.schedule_scale,
-        max_iter=args.max_iter, device=args.device, threads=args.threads, jobs=args.jobs)
+        max_iter=args.max_iter, device=args.device, threads=args.threads, jobs=args.jobs,
+        trunk_cache=None if args.trunk_cache is None else str(Path(args.trunk_cache).resolve()),
+        convergence_points=args.convergence_points)
 
 
 def cost_overrides(args):
@@ -134,6 +147,7 @@ def run(args):
         result["cost"] = B.run_cost(cost, device, args.cost_config, args.cost_scale)
     if quality_plan is not None:
         B.collect_records(result, out, folder, f"{args.config_prefix}benchmark")
+        write_diagnostics(result, out, folder, f"{args.config_prefix}benchmark")
     B.finish_result(result, time.perf_counter() - start, complete=not failed)
     print(B.write_results(result, folder, f"{args.config_prefix}benchmark"))
     print(f"[benchmark] results in {folder}: {', '.join(f for f in result['files'].values() if f)}")

@@ -19,9 +19,11 @@ from .report import (
     write_results,
 )
 from .runs import (
+    CONVERGENCE_POINTS,
     DEFAULT_SEEDS,
     METHODS,
     QUICK_SCALE,
+    QUICK_TRUNK_SCALE,
     VALIDATION_OPTS,
     failed_runs,
     plan_quality,
@@ -32,7 +34,8 @@ from .runs import (
 from .stats import aggregate, comparisons, t_interval, t_quantile
 
 __all__ = [
-    "COST_PRESETS", "DEFAULT_SEEDS", "METHODS", "QUICK_SCALE", "VALIDATION_OPTS",
+    "CONVERGENCE_POINTS", "COST_PRESETS", "DEFAULT_SEEDS", "METHODS", "QUICK_SCALE", "QUICK_TRUNK_SCALE",
+    "VALIDATION_OPTS",
     "add_quality", "aggregate", "collect_records", "comparisons", "cost_settings", "failed_runs", "file_names",
     "finish_result", "markdown",
     "new_result", "plan_quality", "prepare_datasets", "resolve_device", "run_cost", "run_quality",

@@ -50,7 +50,7 @@ PROTOCOL_NOTES = {
 def file_names(stem):
     """JSON, markdown and chart names of one benchmark (``<config prefix>benchmark``)."""
     return {"json": f"{stem}.json", "markdown": f"{stem}.md", "chart": f"{stem}.png",
-            "unknowns_chart": f"{stem}_unknowns.png"}
+            "unknowns_chart": f"{stem}_unknowns.png", "convergence_chart": f"{stem}_convergence.png"}
 
 
 def new_result(device, argv=None):
@@ -73,10 +73,75 @@ def finish_result(result, wall_time_s, complete):
 def add_quality(result, plan, records):
     """Fill in the quality part: the plan, the runs, and their statistics."""
     configured = configured_scores(records, plan["config_scores"])
+    trunks = plan.pop("trunk_runs", [])
     result["settings"]["quality"] = plan
     result.update(seeds=list(plan["seeds"]), runs=records, configured_score=configured,
-                  rows=stats.aggregate(records, configured), comparisons=stats.comparisons(records, configured))
+                  rows=stats.aggregate(records, configured), comparisons=stats.comparisons(records, configured),
+                  regime=plan.get("regime", "scratch"), num_classes=(plan.get("num_classes") or [None])[0],
+                  trunks=trunks, convergence=convergence(records))
     return result
+
+
+def _kind_sets(runs):
+    """{"near": set, "far": set} of the OOD sets of :data:`OOD_SET_KINDS` that the runs have."""
+    have = {row["ood_set"] for r in runs for p in r.get("convergence", []) for row in p["rows"]}
+    return {kind: s for s, kind in OOD_SET_KINDS.items() if s in have}
+
+
+def convergence(runs):
+    """Per method and point of the schedule: mean over seeds of AP and of the near and far FPR95
+    (configured score, clean protocol), in %: ``[{method, fraction, iter, n_seeds, ap_mean, ap_std,
+    near_fpr95_mean, far_fpr95_mean, ...}]``."""
+    kinds = _kind_sets(runs)
+    points = {}
+    for run in runs:
+        if run.get("returncode") != 0:
+            continue
+        for p in run.get("convergence", []):
+            points.setdefault((run["method"], p["fraction"], p["iter"]), []).append(p)
+    out = []
+    for (method, fraction, it), found in sorted(points.items(), key=lambda kv: (_method_rank(kv[0][0]), kv[0][1])):
+        entry = {"method": method, "fraction": fraction, "iter": it, "n_seeds": len(found)}
+        ap = [p["map"].get("AP") for p in found]
+        entry["ap_mean"], entry["ap_std"], _ = stats.mean_sd(v for v in ap if v is not None)
+        for kind, ood_set in kinds.items():
+            fpr = [100.0 * row["fpr95"] for p in found for row in p["rows"]
+                   if row["ood_set"] == ood_set and row.get("fpr95") is not None]
+            entry[f"{kind}_fpr95_mean"], entry[f"{kind}_fpr95_std"], _ = stats.mean_sd(fpr)
+        out.append(entry)
+    return out
+
+
+def _method_rank(method):
+    return stats.METHODS.index(method) if method in stats.METHODS else len(stats.METHODS)
+
+
+def convergence_gaps(points, last=1.0, before=0.75):
+    """method -> AP at ``last`` minus AP at ``before`` (mean over seeds), where both were measured."""
+    by = {(p["method"], p["fraction"]): p for p in points}
+    return {m: by[(m, last)]["ap_mean"] - by[(m, before)]["ap_mean"] for m, f in by
+            if f == last and (m, before) in by and by[(m, last)]["ap_mean"] is not None
+            and by[(m, before)]["ap_mean"] is not None}
+
+
+def _convergence_lines(result):
+    points = result.get("convergence") or []
+    if not points:
+        return []
+    table = [{"method": p["method"], "fraction": f"{p['fraction']:.2f}", "iter": str(p["iter"]),
+              "ap": _pm(p["ap_mean"], p["ap_std"]),
+              "near_fpr95": _pm(p.get("near_fpr95_mean"), p.get("near_fpr95_std")),
+              "far_fpr95": _pm(p.get("far_fpr95_mean"), p.get("far_fpr95_std")), "seeds": str(p["n_seeds"])}
+             for p in points]
+    gaps = convergence_gaps(points)
+    lines = ["### Convergence (configured score, clean protocol; mean ± sd over seeds)", "",
+             format_metrics_table(table, percent=(), titles={"ap": "AP", "near_fpr95": "near FPR95 (%)",
+                                                               "far_fpr95": "far FPR95 (%)"}), ""]
+    if gaps:
+        lines += ["AP at the end minus AP at 75% of the schedule: "
+                  + ", ".join(f"{m} {g:+.2f}" for m, g in gaps.items())
+                  + f" ({'all' if all(abs(g) <= 1.0 for g in gaps.values()) else 'NOT all'} within 1 point).", ""]
+    return lines
 
 
 # ---------------------------------------------------------------- markdown: quality
@@ -193,6 +258,7 @@ def quality_markdown(result):
         "## Quality", "",
         f"{len(plan['seeds'])} seed(s) {plan['seeds']}; schedule {plan['schedule']} (config schedule x "
         f"{plan['schedule_scale']:.3g}); values are mean ± sample sd over seeds, in %; AP is COCO-style mAP.",
+        "", _regime_line(result),
         "", "### Headline: clean protocol, each method's configured score", "",
         f"Configured scores: {', '.join(f'{m} {s}' for m, s in result['configured_score'].items())}; "
         f"{PROTOCOL_NOTES['clean']}.", "",
@@ -207,10 +273,23 @@ def quality_markdown(result):
             lines += [f"### Paired differences, {protocol} protocol (method minus baseline, same seed)", "",
                       "Each method with its configured score; 'within noise': the interval crosses 0.", "",
                       format_metrics_table(table, percent=(), titles=COMPARISON_TITLES), ""]
+    lines += _convergence_lines(result)
     for protocol in protocols:
         lines += [f"### All scores, {protocol} protocol ({PROTOCOL_NOTES.get(protocol, protocol)})", "",
                   _quality_table([r for r in rows if r["protocol"] == protocol]), ""]
     return lines
+
+
+def _regime_line(result):
+    plan = result["settings"]["quality"]
+    classes = f"{result.get('num_classes')} in-distribution classes"
+    if result.get("regime") != "trunk":
+        return f"Regime: from scratch ({classes}): every run trains its whole detector."
+    trunks = result.get("trunks") or []
+    spent = sum(t.get("wall_time_s", 0) for t in trunks)
+    return (f"Regime: trunk ({classes}): per seed, one plain detector ({plan['trunk_config']}) trained on the "
+            f"training split only; every method of that seed starts from its backbone and RPN with a fresh box head "
+            f"and predictor ({len(trunks)} trunk run(s), {spent:.0f} s in all).")
 
 
 # ---------------------------------------------------------------- markdown: cost
@@ -437,6 +516,33 @@ def collect_records(result, out_root, folder, stem):
         run["record"] = rel
 
 
+def plot_convergence(points, path):
+    """AP, near and far FPR95 (means over seeds) against the fraction of the schedule, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("ap_mean", "AP (%), higher is better"), ("near_fpr95_mean", "near-OOD FPR95 (%), lower is better"),
+              ("far_fpr95_mean", "far-OOD FPR95 (%), lower is better")]
+    panels = [p for p in panels if any(q.get(p[0]) is not None for q in points)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, method in enumerate(methods):
+            mine = [p for p in points if p["method"] == method and p.get(key) is not None]
+            ax.plot([p["fraction"] for p in mine], [p[key] for p in mine], marker="os^Dv"[i % 5],
+                    color=OKABE_ITO[i % len(OKABE_ITO)], label=method)
+        ax.set_xlabel("fraction of the schedule")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Convergence: clean protocol, configured scores, mean over seeds", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    plt.close(fig)
+
+
 def write_results(result, folder, stem):
     """The JSON, the markdown and (when there are quality rows) the charts into ``folder``.
 
@@ -451,6 +557,10 @@ def write_results(result, folder, stem):
     if unknown_rows(result["rows"]):
         plot_unknowns(unknown_rows(result["rows"]), folder / names["unknowns_chart"], len(result["seeds"]))
         result["files"]["unknowns_chart"] = names["unknowns_chart"]
+    result["files"]["convergence_chart"] = None
+    if result.get("convergence"):
+        plot_convergence(result["convergence"], folder / names["convergence_chart"])
+        result["files"]["convergence_chart"] = names["convergence_chart"]
     write_json(result, folder / names["json"])
     text = markdown(result)
     atomic_write(folder / names["markdown"], lambda f: f.write(text))

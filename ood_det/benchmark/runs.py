@@ -19,6 +19,7 @@ from detectron2.data import DatasetCatalog
 
 from ..config import load_config
 from ..engine import DATASET_KEYS
+from ..engine.convergence import read_convergence
 from ..errors import ConfigError
 from ..evaluation.ood_evaluation import RESULTS_FILE
 from ..utils import atomic_write
@@ -30,11 +31,18 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 #: --quick trains a third of the schedule (one seed): 9.7 min on 2 CPU cores with the default 2 jobs
 #: (10.2 min with --jobs 1), the cost part (~40 s) included.
 QUICK_SCALE = 1.0 / 3.0
+#: --quick in the trunk regime: the methods train their whole schedule (a quick run must compare
+#: converged models) on a trunk trained for this share of its own.
+QUICK_TRUNK_SCALE = 0.5
 SCHEDULE_KEYS = ("SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "MODEL.OOD.START_ITER")
 # --validation: hyper-parameters are chosen on these, never on the test splits
 # (shapes_val stays the calibration split).
 VALIDATION_OPTS = ["DATASETS.TEST", "('shapes_tune',)", "DATASETS.OOD_TEST", "('shapes_ood_tune',)"]
 RUN_META = "benchmark_run.json"
+#: Where in its schedule each run is also evaluated (fractions; the end is the final evaluation):
+#: the convergence record shows that the methods are compared converged.
+CONVERGENCE_POINTS = (0.25, 0.5, 0.75)
+TRUNK_LOG = "trunk_seed{seed}.log"
 
 
 def method_configs(methods=METHODS, prefix="shapes_", suffix=""):
@@ -43,7 +51,8 @@ def method_configs(methods=METHODS, prefix="shapes_", suffix=""):
 
 
 def read_config(config_file, opts):
-    """(schedule dict, configured MODEL.OOD.SCORE, MODEL.OOD.MODE, dataset names) of a config."""
+    """(schedule dict, configured MODEL.OOD.SCORE, MODEL.OOD.MODE, dataset names, trunk config,
+    number of classes) of a config."""
     cfg = load_config(config_file, opts)
     schedule = {
         "SOLVER.MAX_ITER": int(cfg.SOLVER.MAX_ITER),
@@ -52,7 +61,8 @@ def read_config(config_file, opts):
         "MODEL.OOD.START_ITER": int(cfg.MODEL.OOD.START_ITER),
     }
     datasets = [n for key in DATASET_KEYS for n in cfg.DATASETS.get(key, ())]
-    return schedule, cfg.MODEL.OOD.SCORE, cfg.MODEL.OOD.MODE, datasets
+    return (schedule, cfg.MODEL.OOD.SCORE, cfg.MODEL.OOD.MODE, datasets, cfg.MODEL.OOD.TRUNK.CONFIG,
+            int(cfg.MODEL.ROI_HEADS.NUM_CLASSES))
 
 
 def scale_schedule(schedule, scale):
@@ -83,12 +93,22 @@ def schedule_opts(schedule):
     return opts
 
 
-def _scale(schedule, quick, schedule_scale, max_iter):
+def _scale(schedule, quick, schedule_scale, max_iter, trunk=None):
     if max_iter is not None:
         return max_iter / schedule["SOLVER.MAX_ITER"]
     if schedule_scale is not None:
         return schedule_scale
-    return QUICK_SCALE if quick else 1.0
+    return QUICK_SCALE if quick and not trunk else 1.0
+
+
+def quick_trunk_opts(trunk_config, opts):
+    """``opts`` plus a MODEL.OOD.TRUNK.OPTS that scales the trunk's schedule by QUICK_TRUNK_SCALE,
+    unless ``opts`` set the trunk's overrides themselves."""
+    if "MODEL.OOD.TRUNK.OPTS" in opts[::2]:
+        return list(opts)
+    trunk_schedule = read_config(trunk_config, [])[0]
+    scaled = schedule_opts(scale_schedule(trunk_schedule, QUICK_TRUNK_SCALE))[:6]  # START_ITER: not a trunk's
+    return [*opts, "MODEL.OOD.TRUNK.OPTS", str(scaled)]
 
 
 def default_jobs(device="cpu", cpus=None):
@@ -101,7 +121,7 @@ def default_jobs(device="cpu", cpus=None):
 
 def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validation=False, opts=(),
                  config_prefix="shapes_", config_suffix="", schedule_scale=None, max_iter=None,
-                 device="cpu", threads=None, jobs=None):
+                 device="cpu", threads=None, jobs=None, trunk_cache=None, convergence_points=None):
     """Configs, schedule and seeds of the quality part, as a JSON-able dict.
 
     Refuses methods whose configs train on different schedules: their numbers would not compare.
@@ -110,7 +130,10 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     ``opts`` names them itself (explicit overrides win). ``jobs`` runs train at once; each then
     gets ``threads`` (default: the CPUs shared out) and loads its data in its own process: on a
     small CPU two single-threaded runs together finish sooner than one after the other
-    (None: :func:`default_jobs`).
+    (None: :func:`default_jobs`). Methods whose configs name a trunk (``MODEL.OOD.TRUNK.CONFIG``)
+    must share it; ``trunk_cache`` is where the trunks are kept (None: ``<output>/trunks``). Each run
+    is also evaluated at ``convergence_points`` of its schedule (None: :data:`CONVERGENCE_POINTS`,
+    none for a quick run).
     """
     jobs = default_jobs(device) if jobs is None else jobs
     if jobs < 1:
@@ -124,12 +147,24 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     base = {m: i[0] for m, i in info.items()}
     if len({json.dumps(s, sort_keys=True) for s in base.values()}) > 1:
         raise ConfigError(f"the methods' schedules differ, so their results would not compare: {base}")
-    for m, (_, _, mode, _) in info.items():
+    trunks = {i[4] for i in info.values()}
+    if len(trunks) > 1:
+        raise ConfigError(f"the methods start from different trunks (MODEL.OOD.TRUNK.CONFIG), so their results would "
+                          f"not compare: { {m: i[4] for m, i in info.items()} }")
+    for m, (_, _, mode, *_rest) in info.items():
         if mode != m:
             print(f"warning: {configs[m]} has MODEL.OOD.MODE {mode!r}, benchmarked as {m!r}", file=sys.stderr)
     schedule = next(iter(base.values()))
-    scale = _scale(schedule, quick, schedule_scale, max_iter)
+    trunk = next(iter(trunks)) or None
+    scale = _scale(schedule, quick, schedule_scale, max_iter, trunk)
     used = scale_schedule(schedule, scale)
+    if quick and trunk:
+        opts = quick_trunk_opts(trunk, opts)
+    if convergence_points is None:
+        convergence_points = () if quick else CONVERGENCE_POINTS
+    points = sorted({float(p) for p in convergence_points})
+    if any(not 0 < p < 1 for p in points):
+        raise ConfigError(f"convergence points must be fractions of the schedule in (0, 1), got {points}")
     return {
         "quick": quick, "validation": validation, "methods": list(configs), "configs": configs,
         "seeds": list(seeds)[:1] if quick else list(seeds),
@@ -138,6 +173,9 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
         "opts": opts, "device": device, "threads": threads, "jobs": jobs,
         "config_scores": {m: i[1] for m, i in info.items()},
         "datasets": list(dict.fromkeys(n for i in info.values() for n in i[3])),
+        "regime": "trunk" if trunk else "scratch", "trunk_config": trunk, "trunk_cache": trunk_cache,
+        "num_classes": sorted({i[5] for i in info.values()}),
+        "convergence_points": points,
     }
 
 
@@ -169,9 +207,7 @@ def train_run(method, seed, plan, out_root, reuse=False, keep_checkpoints=False)
     same arguments is read back instead of trained again.
     """
     run_dir = (Path(out_root) / "runs" / method / f"seed{seed}").resolve()
-    # The schedule comes from config + --opts, scaled: it goes after --opts so that it wins.
-    opts = ["MODEL.DEVICE", plan["device"], *plan["opts"], *plan["schedule_opts"], "SEED", str(seed)]
-    args = ["--config-file", plan["configs"][method], *opts]
+    args = ["--config-file", plan["configs"][method], *run_opts(plan, out_root, seed)]
     if reuse:
         record = finished_run(run_dir, args)
         if record is not None:
@@ -193,6 +229,48 @@ def train_run(method, seed, plan, out_root, reuse=False, keep_checkpoints=False)
     return record
 
 
+def trunk_cache(plan, out_root):
+    return Path(plan.get("trunk_cache") or Path(out_root) / "trunks").resolve()
+
+
+def run_opts(plan, out_root, seed):
+    """train_net's KEY VALUE overrides of one run of ``seed``. The schedule comes from config +
+    --opts, scaled: it goes after --opts so that it wins."""
+    opts = ["MODEL.DEVICE", plan["device"], *plan["opts"], *plan["schedule_opts"], "SEED", str(seed)]
+    if plan.get("trunk_config"):
+        opts += ["MODEL.OOD.TRUNK.CACHE_DIR", str(trunk_cache(plan, out_root))]
+    if plan.get("convergence_points"):
+        opts += ["TEST.CONVERGENCE_POINTS", str(tuple(plan["convergence_points"]))]
+    return opts
+
+
+def trunk_run(seed, plan, out_root):
+    """Train (or find in the cache) the trunk of ``seed`` in a ``train_net.py --trunk-only``
+    subprocess, with the arguments its methods' runs will have: they then find it by the same key.
+    Returns its record (seed, wall time, exit status, log)."""
+    method = plan["methods"][0]
+    cache = trunk_cache(plan, out_root)
+    cache.mkdir(parents=True, exist_ok=True)
+    log_path = cache / TRUNK_LOG.format(seed=seed)
+    args = ["--config-file", plan["configs"][method], "--trunk-only", *run_opts(plan, out_root, seed)]
+    record = {"seed": seed, "config_file": plan["trunk_config"], "log": _rel(log_path, out_root),
+              "train_net_args": args, "started_at": now()}
+    print(f"[benchmark] trunk seed {seed}: training or reusing ({record['log']}) ...", flush=True)
+    start = time.perf_counter()
+    # A lone trunk (one seed) has every core: the methods' runs wait for it.
+    threads = None if len(plan["seeds"]) == 1 else plan["threads"]
+    returncode = _run_logged([sys.executable, str(_train_net()), *args, "OUTPUT_DIR",
+                              str(Path(out_root).resolve() / "runs" / "trunk" / f"seed{seed}")], log_path, threads)
+    record.update(wall_time_s=round(time.perf_counter() - start, 2), returncode=returncode,
+                  reused="reusing" in log_path.read_text(errors="replace"))
+    if returncode != 0:
+        record["error"] = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        print(f"[benchmark] trunk seed {seed} FAILED (exit {returncode}); see {log_path}", file=sys.stderr)
+    else:
+        print(f"[benchmark] trunk seed {seed}: {record['wall_time_s']:.1f} s", flush=True)
+    return record
+
+
 def _run_logged(cmd, log_path, threads):
     """Exit status of ``cmd``, its output in ``log_path``; ``threads`` caps its OpenMP/MKL threads."""
     env = dict(os.environ)
@@ -207,6 +285,7 @@ def _finish(record, run_dir, log_path, keep_checkpoints):
     results_path = run_dir / RESULTS_FILE
     if record["returncode"] == 0 and results_path.is_file():
         record.update(read_results(results_path))
+        record["convergence"] = read_run_convergence(run_dir)
         if not keep_checkpoints:  # ~100 MB each; model_final.pth stays for --eval-only
             for path in run_dir.glob("model_*.pth"):
                 if path.name != "model_final.pth":
@@ -228,6 +307,7 @@ def read_finished_run(run_dir):
     if record.get("returncode") != 0:
         return None
     record.update(read_results(results_path))
+    record["convergence"] = read_run_convergence(run_dir)
     return record
 
 
@@ -240,13 +320,37 @@ def finished_run(run_dir, args):
     return record
 
 
+def read_run_convergence(run_dir):
+    """[{iter, fraction, map, rows}] of a run's convergence points and its end, with the rows of
+    its configured score on the clean protocol only (the record stays small)."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    max_iter = _max_iter(cfg_path)
+    out = []
+    for point in read_convergence(run_dir, max_iter):
+        res = read_results_dict(point["results"])
+        rows = [r for r in res["rows"] if r.get("protocol") == "clean" and r.get("score") == res["configured_score"]]
+        out.append({"iter": point["iter"], "fraction": point["fraction"], "map": res["map"], "rows": rows})
+    return out
+
+
+def _max_iter(cfg_path):
+    """SOLVER.MAX_ITER of the config a run saved (detectron2 writes OUTPUT_DIR/config.yaml)."""
+    import yaml
+
+    return int(yaml.safe_load(Path(cfg_path).read_text())["SOLVER"]["MAX_ITER"])
+
+
 def read_results(path):
     """mAP, metric rows and configured score of one run's ood_results.json.
 
     The configured score is the one the evaluation calibrated (``calibration.score``); None
     where the file does not say, and :func:`configured_scores` falls back to the config.
     """
-    res = json.loads(Path(path).read_text())
+    return read_results_dict(json.loads(Path(path).read_text()))
+
+
+def read_results_dict(res):
+    """:func:`read_results` of an ood_results.json already read."""
     return {"map": res.get("map", {}), "rows": res.get("rows", []),
             "configured_score": (res.get("calibration") or {}).get("score")}
 
@@ -256,14 +360,25 @@ def run_quality(plan, out_root, reuse=False, keep_checkpoints=False, on_run=None
     so that an interrupted benchmark still has whole seeds to compare; ``on_run(records)`` after
     each (progress files). Records come back in plan order."""
     order = [(seed, method) for seed in plan["seeds"] for method in plan["methods"]]
-    done = {}
+    done, trunks = {}, {}
     with ThreadPoolExecutor(max_workers=plan.get("jobs", 1)) as pool:
-        futures = {pool.submit(train_run, method, seed, plan, out_root, reuse, keep_checkpoints): (seed, method)
-                   for seed, method in order}
+        if plan.get("trunk_config"):
+            # Trunks first; a method's run waits for its seed's trunk (a pool worker takes it only
+            # once every trunk has started, so the wait is short and never circular).
+            trunks = {seed: pool.submit(trunk_run, seed, plan, out_root) for seed in plan["seeds"]}
+
+        def task(seed, method):
+            if seed in trunks and trunks[seed].result().get("returncode") != 0:
+                return {"method": method, "seed": seed, "config_file": plan["configs"][method], "returncode": -1,
+                        "error": f"its trunk failed: see {trunks[seed].result()['log']}"}
+            return train_run(method, seed, plan, out_root, reuse, keep_checkpoints)
+
+        futures = {pool.submit(task, seed, method): (seed, method) for seed, method in order}
         for future in as_completed(futures):
             done[futures[future]] = future.result()
             if on_run is not None:
                 on_run([done[k] for k in order if k in done])
+    plan["trunk_runs"] = [trunks[s].result() for s in plan["seeds"] if s in trunks]
     return [done[k] for k in order]
 
 

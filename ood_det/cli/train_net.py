@@ -6,6 +6,7 @@
     tools/train_net.py --num-gpus 8 --config-file voc_energy_cfl.yaml
     tools/train_net.py --num-gpus 2 --config-file shapes_energy_cfl.yaml   # 2 CPU processes (MODEL.DEVICE cpu)
     tools/train_net.py --config-file voc_energy_cfl.yaml --resume   # continue from OUTPUT_DIR/last_checkpoint
+    tools/train_net.py --config-file shapes_energy_cfl.yaml --trunk-only   # only the trunk (MODEL.OOD.TRUNK)
 
 ``--config-file`` takes a path or a bare file name under ``configs/``; trailing
 ``KEY VALUE`` pairs override the config. ``--num-gpus N`` starts N processes per
@@ -19,13 +20,18 @@ from detectron2.utils import comm
 from ood_det.checkpoint import OODCheckpointer
 from ood_det.config import resolve_config_file
 from ood_det.engine import Trainer, launch, load_and_check_config, setup
-from ood_det.errors import OODDetError, one_line
+from ood_det.engine.trunk import ensure_trunk, has_trunk
+from ood_det.errors import ConfigError, OODDetError, one_line
 from ood_det.evaluation.calibration import calibrate
 
 
 def train(args):
     """Train, or with --eval-only / --calibrate evaluate or calibrate, in one process."""
     cfg = setup(args)
+    if args.trunk_only:
+        if not has_trunk(cfg):
+            raise ConfigError("--trunk-only: MODEL.OOD.TRUNK.CONFIG is empty, so there is no trunk to train")
+        return ensure_trunk(cfg)
     if args.eval_only or args.calibrate:
         model = Trainer.build_model(cfg)
         checkpointer = OODCheckpointer(model, save_dir=cfg.OUTPUT_DIR, inference_only=not args.calibrate)
@@ -49,6 +55,11 @@ def build_parser():
         action="store_true",
         help="calibrate the OOD thresholds of MODEL.WEIGHTS on DATASETS.OOD_CALIBRATION (validation only) "
         "and save OUTPUT_DIR/model_calibrated.pth; with --eval-only, evaluate afterwards",
+    )
+    parser.add_argument(
+        "--trunk-only",
+        action="store_true",
+        help="train (or find in MODEL.OOD.TRUNK.CACHE_DIR) the trunk that this config starts from, and stop",
     )
     return parser
 

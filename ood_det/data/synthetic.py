@@ -7,19 +7,23 @@ split exactly like a real dataset: ``<split>/*.png`` images and
 =========  ===================================================  ======  =============================
 split      classes                                              images  role
 =========  ===================================================  ======  =============================
-train      circle, square, triangle, hexagon (ID)                 1600  training
-val        ID                                                      200  calibration (score statistics)
+train      circle, square, triangle, hexagon, rectangle,          2400  training
+           diamond, semicircle, trapezoid (the 8 ID classes)
+val        ID                                                      300  calibration (score statistics)
 test       ID                                                     1000  mAP; the ID side of OOD tests
 ood        ring, star, cross, pentagon                            1000  near-OOD test
 ood_far    glyph, scribble, noise_blob, striped_patch,            1000  far-OOD test
            checkered_patch
-tune       ID                                                      200  ID side of tuning
-ood_tune   ellipse, crescent, arrow, heart, spiral,                250  OOD side of tuning
+tune       ID                                                      300  ID side of tuning
+ood_tune   ellipse, crescent, arrow, heart, spiral,                300  OOD side of tuning
            dotted_patch
 =========  ===================================================  ======  =============================
 
 In-distribution (ID) objects are flat-coloured (with a faint shading noise),
-convex outlines: a disc or a regular polygon.
+convex outlines: a disc, a half disc, a regular polygon (triangle, square,
+hexagon), a rectangle of about 2:1, a rhombus (``diamond``, axes about 0.6:1)
+or an isosceles trapezoid (top about half its base). Each one's outline tells
+it from the others at the smallest size drawn (18 px).
 
 - Near OOD (``ood``) are look-alikes: flat-coloured outlines one step from an
   ID class (a ring is a holed circle, a pentagon sits between square and
@@ -38,12 +42,13 @@ convex outlines: a disc or a regular polygon.
 
 Every class has one category id across all splits (``CATEGORY_IDS``): the
 novel classes never share an id with an ID class or with each other. OOD
-images hold only their own split's classes.
+images hold only their own split's classes. The four class groups (ID, near,
+far, tuning) are disjoint: ``check_class_splits`` enforces it at registration.
 
 Layout under the dataset root (``$DETECTRON2_DATASETS``, else ``./datasets``,
 read when a split is loaded, not when it is registered)::
 
-    shapes/v2-seed<seed>/
+    shapes/v3-seed<seed>/
         annotations/<split>.json
         <split>/<split>_<index>.png
 
@@ -52,6 +57,7 @@ Generation is deterministic: same seed and generator version, same bytes.
 import contextlib
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
@@ -68,13 +74,13 @@ from ..errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-ID_CLASSES = ("circle", "square", "triangle", "hexagon")
+ID_CLASSES = ("circle", "square", "triangle", "hexagon", "rectangle", "diamond", "semicircle", "trapezoid")
 NEAR_OOD_CLASSES = ("ring", "star", "cross", "pentagon")
 FAR_OOD_CLASSES = ("glyph", "scribble", "noise_blob", "striped_patch", "checkered_patch")
 TUNE_OOD_CLASSES = ("ellipse", "crescent", "arrow", "heart", "spiral", "dotted_patch")
 # One id per class for every split, so that a box's category names its class in any json.
 CATEGORY_IDS = {n: i + 1 for i, n in enumerate(ID_CLASSES + NEAR_OOD_CLASSES + FAR_OOD_CLASSES + TUNE_OOD_CLASSES)}
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEFAULT_SEED = 0
 
 
@@ -89,22 +95,53 @@ class SplitSpec:
         return self.classes != ID_CLASSES
 
 
-# Test splits of 1000 images (~2400 boxes): the sampling noise of FPR95 is about a point (binomial);
-# training stays at a size a CPU trains on in minutes.
+# Test splits of 1000 images (~2400 boxes): the sampling noise of FPR95 is about a point (binomial).
+# Training: ~700 boxes per class of the 8, still a size a CPU trains on in minutes.
 SPLITS = {
-    "train": SplitSpec(1600, ID_CLASSES, 0),
-    "val": SplitSpec(200, ID_CLASSES, 1),
+    "train": SplitSpec(2400, ID_CLASSES, 0),
+    "val": SplitSpec(300, ID_CLASSES, 1),
     "test": SplitSpec(1000, ID_CLASSES, 2),
     "ood": SplitSpec(1000, NEAR_OOD_CLASSES, 3),
     "ood_far": SplitSpec(1000, FAR_OOD_CLASSES, 6),
     # For choosing hyper-parameters, so that neither the calibration split ("val") nor the
     # test splits are used for it; "ood_tune" holds OOD classes of neither test split.
-    "tune": SplitSpec(200, ID_CLASSES, 4),
-    "ood_tune": SplitSpec(250, TUNE_OOD_CLASSES, 5),
+    "tune": SplitSpec(300, ID_CLASSES, 4),
+    "ood_tune": SplitSpec(300, TUNE_OOD_CLASSES, 5),
 }
 IMAGE_SIZE = 128
 MAX_OBJECTS = 4
 MIN_SIDE, MAX_SIDE = 18, 48
+
+
+def check_class_splits() -> None:
+    """Raise ``DatasetError`` where the class groups overlap or a split draws other than one whole group.
+
+    A class in two groups would be both known to the model and counted as OOD, or shared by
+    two OOD sets that measure different things. Cheap: run at each registration.
+    """
+    groups = {"ID_CLASSES": ID_CLASSES, "NEAR_OOD_CLASSES": NEAR_OOD_CLASSES,
+              "FAR_OOD_CLASSES": FAR_OOD_CLASSES, "TUNE_OOD_CLASSES": TUNE_OOD_CLASSES}
+    for (a, in_a), (b, in_b) in itertools.combinations(groups.items(), 2):
+        shared = [c for c in in_a if c in in_b]
+        if shared:
+            _class_error(f"{a} and {b} share {', '.join(shared)}; a class belongs to one group: keep it in one")
+    for group, classes in groups.items():
+        repeated = sorted({c for c in classes if classes.count(c) > 1})
+        if repeated:
+            _class_error(f"{group} lists {', '.join(repeated)} more than once; list each class once")
+        missing = [c for c in classes if c not in OUTLINES or c not in CATEGORY_IDS]
+        if missing:
+            _class_error(f"{group}: {', '.join(missing)} has no outline in OUTLINES or no id in CATEGORY_IDS")
+    ids = [CATEGORY_IDS[c] for classes in groups.values() for c in classes]
+    if len(set(ids)) != len(ids):
+        _class_error("two classes share a category id in CATEGORY_IDS; give each class its own")
+    for split, spec in SPLITS.items():
+        if spec.classes not in groups.values():
+            _class_error(f"SPLITS[{split!r}] draws {', '.join(spec.classes)}, not one of {', '.join(groups)}")
+
+
+def _class_error(message):
+    raise DatasetError(f"{__name__} (synthetic shapes classes): {message}")
 
 
 def datasets_root() -> Path:
@@ -169,6 +206,33 @@ def _circle(d, cx, cy, r, angle, rng):
 
 def _square(d, cx, cy, r, angle, rng):
     d.polygon(_radial(cx, cy, r * 1.2, np.pi / 4 + rng.uniform(-0.2, 0.2), np.ones(4)), fill=255)
+
+
+def _rectangle(d, cx, cy, r, angle, rng):
+    # Long enough (>= 1.8:1) that no turn or pixel grid makes it pass for a square.
+    aspect = rng.uniform(1.8, 2.4)
+    half = np.array([1.0, 1.0 / aspect]) / np.hypot(1.0, 1.0 / aspect)
+    d.polygon(_place(np.array([(1, 1), (-1, 1), (-1, -1), (1, -1)]) * half, cx, cy, r * 1.1, angle), fill=255)
+
+
+def _diamond(d, cx, cy, r, angle, rng):
+    # Axes 0.55-0.7 to 1, never near 1: a rhombus of equal axes is a square on its corner.
+    q = rng.uniform(0.55, 0.7)
+    d.polygon(_place([(1, 0), (0, q), (-1, 0), (0, -q)], cx, cy, r * 1.1, angle), fill=255)
+
+
+def _semicircle(d, cx, cy, r, angle, rng):
+    # Centred on its box (2 x 1 radii), so that it stays within about r of the centre.
+    t = np.linspace(0, np.pi, 25)
+    d.polygon(_place(np.stack([np.cos(t), 0.5 - np.sin(t)], 1), cx, cy, r, angle), fill=255)
+
+
+def _trapezoid(d, cx, cy, r, angle, rng):
+    # Isosceles, its top 0.4-0.6 of its base: far from a triangle (top 0) and a rectangle (top 1).
+    # Its height, 0.5-0.6 of its base, keeps it as far from a triangle as from a semicircle.
+    top, height = rng.uniform(0.4, 0.6), rng.uniform(1.0, 1.2)
+    corners = np.array([(-1, height / 2), (1, height / 2), (top, -height / 2), (-top, -height / 2)])
+    d.polygon(_place(corners / np.hypot(1, height / 2), cx, cy, r * 1.1, angle), fill=255)
 
 
 def _ring(d, cx, cy, r, angle, rng):
@@ -265,6 +329,10 @@ OUTLINES = {
     "square": _square,
     "triangle": _regular(3, 1.1),
     "hexagon": _regular(6),
+    "rectangle": _rectangle,
+    "diamond": _diamond,
+    "semicircle": _semicircle,
+    "trapezoid": _trapezoid,
     "ring": _ring,
     "star": _star,
     "cross": _cross,
@@ -530,10 +598,11 @@ def register_shapes_splits(prefix: str = "shapes", root=None, seed: int = DEFAUL
     ``root`` None (the default) reads the dataset root when a split is loaded, so
     ``DETECTRON2_DATASETS`` may be set after registration; ``sizes`` maps split
     names to image counts (tests use tiny splits). A name already registered is
-    left as it is.
+    left as it is. Class groups that overlap are refused first (``check_class_splits``).
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    check_class_splits()
     for split, spec in SPLITS.items():
         name = f"{prefix}_{split}"
         if name in DatasetCatalog.list():

@@ -9,6 +9,9 @@
   the iteration and the likely cause, instead of a NaN deep in detectron2.
 - :class:`CalibrationHook`: at the last iteration, before the final checkpoint and
   evaluation, calibrate the OOD scores on ``DATASETS.OOD_CALIBRATION``.
+- :class:`EnergyDiagnosticsHook`: every ``MODEL.OOD.DIAGNOSTICS_PERIOD`` iterations, the
+  slope and bias of the logistic energy loss's regression into metrics.json
+  (:func:`with_diagnostics_hook` places it where detectron2's writer sees each value).
 
 Virtual-outlier synthesis reports its own status (a line when ``START_ITER`` is
 reached while a queue is still filling, a line when it starts) from inside the
@@ -18,10 +21,12 @@ import logging
 
 import torch
 from detectron2.engine import hooks
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..errors import OODDetError
+from ..errors import ConfigError, OODDetError
 from ..evaluation.calibration import calibrate, find_box_predictor
+from ..evaluation.ood_evaluation import energy_logistic_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +115,45 @@ class CalibrationHook(hooks.HookBase):
         calibrate(self.cfg, self.trainer.model, self.dataset_names)
 
 
+class EnergyDiagnosticsHook(hooks.HookBase):
+    """Every ``period`` iterations, the effective slope and bias of the logistic energy loss's
+    regression on ``-energy`` (:func:`~ood_det.evaluation.ood_evaluation.energy_logistic_parameters`)
+    into the event storage as ``ood/energy_slope`` and ``ood/energy_bias``, unsmoothed, so that
+    metrics.json traces them. A slope that turns negative means the loss pushes the virtual outliers
+    to lower energy. Idle in vanilla mode, with the margin loss (no regression) and on the processes
+    that write no metrics."""
+
+    def __init__(self, period: int):
+        if period < 0:
+            raise ConfigError(f"MODEL.OOD.DIAGNOSTICS_PERIOD must be >= 0 (0 turns the diagnostics off), got {period}")
+        self.period = int(period)
+        self._active = False
+
+    def before_train(self):
+        predictor = find_box_predictor(self.trainer.model)
+        self._active = (self.period > 0 and comm.is_main_process()
+                        and energy_logistic_parameters(predictor) is not None)
+
+    def after_step(self):
+        # Read at the period only: each read waits for the device once.
+        if not self._active or (self.trainer.iter + 1) % self.period:
+            return
+        slope, bias = energy_logistic_parameters(find_box_predictor(self.trainer.model))
+        storage = get_event_storage()
+        storage.put_scalar("ood/energy_slope", slope, smoothing_hint=False)
+        storage.put_scalar("ood/energy_bias", bias, smoothing_hint=False)
+
+
+def with_diagnostics_hook(cfg, hook_list):
+    """``hook_list`` with :class:`EnergyDiagnosticsHook` (period ``MODEL.OOD.DIAGNOSTICS_PERIOD``) just
+    before detectron2's PeriodicWriter."""
+    out = list(hook_list)
+    # The writer skips values of the iteration it last wrote: logged after it, they would never be written.
+    at = next((i for i, h in enumerate(out) if isinstance(h, hooks.PeriodicWriter)), len(out))
+    out.insert(at, EnergyDiagnosticsHook(cfg.MODEL.OOD.DIAGNOSTICS_PERIOD))
+    return out
+
+
 def with_ood_hooks(cfg, hook_list):
     """``hook_list`` (e.g. ``DefaultTrainer.build_hooks()``) with :class:`DivergenceHook` first and,
     when the model can be calibrated, :class:`CalibrationHook` before the checkpointer and evaluation."""
@@ -121,4 +165,5 @@ def with_ood_hooks(cfg, hook_list):
     return out
 
 
-__all__ = ["CalibrationHook", "DivergenceHook", "NonFiniteLossError", "divergence_hint", "with_ood_hooks"]
+__all__ = ["CalibrationHook", "DivergenceHook", "EnergyDiagnosticsHook", "NonFiniteLossError", "divergence_hint",
+           "with_diagnostics_hook", "with_ood_hooks"]

@@ -18,7 +18,9 @@ from ..data.bad_data import build_checked_train_loader
 from ..errors import ConfigError
 from ..evaluation.calibration import find_box_predictor
 from ..evaluation.ood_evaluation import evaluate_ood
-from .hooks import NonFiniteLossError, divergence_hint, with_ood_hooks
+from . import trunk
+from .convergence import ConvergenceHook
+from .hooks import NonFiniteLossError, divergence_hint, with_diagnostics_hook, with_ood_hooks
 from .launch import ddp_without_device_ids
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,23 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer builds its checkpointer just before its hooks; swap it in here
         # so that the periodic checkpointer hook uses ours too.
         self.checkpointer = OODCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        return with_ood_hooks(self.cfg, super().build_hooks())
+        hook_list = with_diagnostics_hook(self.cfg, with_ood_hooks(self.cfg, super().build_hooks()))
+        if self.cfg.TEST.CONVERGENCE_POINTS:
+            hook_list.append(ConvergenceHook(self.cfg, self.build_evaluator))
+        return hook_list
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, except that a config with a trunk (``MODEL.OOD.TRUNK.CONFIG``) starts a new
+        training from the trunk's backbone and proposal generator, trained first if not cached."""
+        if not trunk.has_trunk(self.cfg) or (resume and self.checkpointer.has_checkpoint()):
+            return super().resume_or_load(resume=resume)
+        if self.cfg.MODEL.WEIGHTS:
+            raise ConfigError(f"MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS!r} and MODEL.OOD.TRUNK.CONFIG "
+                              f"{self.cfg.MODEL.OOD.TRUNK.CONFIG!r} both say where training starts; "
+                              "clear one of them (MODEL.OOD.TRUNK.CONFIG '' trains from MODEL.WEIGHTS)")
+        path = trunk.ensure_trunk(self.cfg)
+        self.checkpointer.load_trunk(path, trunk.TRUNK_PREFIXES)
+        self.start_iter = 0
 
     def run_step(self):
         try:

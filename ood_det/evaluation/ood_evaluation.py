@@ -14,6 +14,9 @@ Open-set metrics (``.openset``: what becomes of the OOD sets' ground-truth objec
 computed for every OOD set with object annotations, at the clean protocol's thresholds with the
 configured score's decision ``is_ood``, and added to that set's clean row of the configured score.
 
+``ood_results.json`` also holds ``diagnostics`` (:func:`energy_diagnostics`): the energies of the
+kept boxes of each set and of virtual outliers, and the energy loss's logistic slope and bias.
+
 Writes, on the main process: ``OUTPUT_DIR/ood_results.json``, per-box scores
 ``OUTPUT_DIR/ood_scores_<dataset>.npz`` (every box the detector returned, all
 protocols; ``tools/ood_metrics.py --min-confidence <threshold>`` selects the
@@ -27,6 +30,7 @@ import os
 from collections import OrderedDict
 
 import numpy as np
+import torch
 from detectron2.evaluation import DatasetEvaluators, print_csv_format
 from detectron2.utils import comm
 
@@ -66,6 +70,59 @@ def save_box_scores(path, scorer, decided, image_ids=None) -> None:
     if image_ids is not None:
         data["evaluated_images"] = np.asarray(image_ids, dtype=str)
     atomic_write(path, lambda f: np.savez(f, **data), binary=True)
+
+
+def energy_logistic_parameters(predictor):
+    """(slope, bias) of the logistic energy loss's regression on ``-energy`` as the loss applies them
+    (:class:`~ood_det.modeling.losses.EnergyLogistic`: softplus of the slope with
+    ``MODEL.OOD.ENERGY_POSITIVE_SLOPE``), as floats read with one device sync; None for a head
+    without one (vanilla mode, the margin loss)."""
+    logistic = getattr(predictor, "energy_logistic", None)
+    if logistic is None:
+        return None
+    with torch.no_grad():
+        slope, bias = logistic._slope_and_bias()
+        return tuple(torch.cat([slope.flatten(), bias.flatten()]).tolist())
+
+
+def _energy_summary(energies) -> dict:
+    """mean, std (population) and count of energies; mean and std None when there are none."""
+    e = np.asarray(energies, dtype=np.float64)
+    if e.size == 0:
+        return {"mean": None, "std": None, "count": 0}
+    return {"mean": float(e.mean()), "std": float(e.std()), "count": int(e.size)}
+
+
+def _virtual_outlier_energy(predictor):
+    """:func:`_energy_summary` of the scorer's energy of virtual outliers drawn as training draws
+    them; None when the head has no synthesizer or a queue is not full."""
+    draw = getattr(predictor, "virtual_outlier_fields", None)
+    if draw is None:
+        return None
+    device = predictor.scorer.stats.device
+    # Evaluation may run mid-training: drawing must not move the training's random streams.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            fields = draw()
+        except RuntimeError as e:  # a degenerate feature covariance: no outliers to describe
+            logger.warning("Energy diagnostics: no virtual outliers (%s)", e)
+            return None
+    return None if fields is None else _energy_summary(fields["energy"].double().cpu().numpy())
+
+
+def energy_diagnostics(model, id_name, ood_names, boxes, conf_threshold) -> dict:
+    """Why the energy score separates the sets or not: the energy loss's logistic ``energy_slope``
+    and ``energy_bias`` (None without one), the energy of virtual outliers (``virtual_outlier_energy``,
+    None without), and per dataset the energy of its boxes of confidence >= ``conf_threshold`` (the
+    clean protocol's, ``box_energy``). Energies are the scorer's (``-T logsumexp`` of the foreground
+    logits; lower = more in-distribution)."""
+    predictor = find_box_predictor(model)
+    slope, bias = energy_logistic_parameters(predictor) or (None, None)
+    box_energy = {name: _energy_summary(boxes[name]["energy"][boxes[name]["scores"] >= conf_threshold])
+                  for name in (id_name, *ood_names)}
+    return {"energy_slope": slope, "energy_bias": bias, "virtual_outlier_energy": _virtual_outlier_energy(predictor),
+            "conf_threshold": conf_threshold, "id_test_set": id_name, "ood_sets": list(ood_names),
+            "box_energy": box_energy}
 
 
 def _id_scores(scorer, arrays, score=None) -> np.ndarray:
@@ -153,11 +210,12 @@ def evaluate_ood(cfg, model, build_evaluator):
         record = build_record(id_name, decided, image_ids, objects, thresholds,
                               lambda arrays, score: _id_scores(scorer, arrays, score),
                               scorer.summary(available_scores=list(scorer.available_scores)))
-        _report(cfg, scorer, id_name, results, rows, decided, thresholds, unreadable, image_ids, record)
+        diagnostics = energy_diagnostics(model, id_name, cfg.DATASETS.OOD_TEST, boxes, thresholds["clean"])
+        _report(cfg, scorer, id_name, results, rows, decided, thresholds, unreadable, image_ids, record, diagnostics)
     return results
 
 
-def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, image_ids, record):
+def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, image_ids, record, diagnostics):
     out = cfg.OUTPUT_DIR
     os.makedirs(out, exist_ok=True)
     for name, arrays in boxes.items():
@@ -174,6 +232,7 @@ def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, 
         "score_files": {name: f"ood_scores_{name}.npz" for name in boxes},
         "record_file": RECORD_FILE,
         "unreadable_images": {name: skipped_record(bad) for name, bad in unreadable.items()},
+        "diagnostics": diagnostics,
     }
     save_record(os.path.join(out, RECORD_FILE), record)
     path = os.path.join(out, RESULTS_FILE)
@@ -191,9 +250,20 @@ def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, 
         logger.info("Unknown objects of the OOD sets (clean protocol, confidence >= %.3f, %s score's is_ood; "
                     "shares of the objects, AOSE = objects boxed as a known class, WI at ID recall 0.8):\n%s",
                     thresholds["clean"], scorer.score_name, format_openset_table(rows))
+    logger.info("Energy diagnostics: %s", _diagnostics_line(diagnostics))
     logger.info("OOD results: %s", path)
     for name, files in plots.items():
         logger.info("Plots for %s: %s", name, ", ".join(os.path.join(out, f) for f in files.values()))
+
+
+def _diagnostics_line(d) -> str:
+    def mean(summary):
+        return "-" if not summary or summary["mean"] is None else f"{summary['mean']:.3f}"
+
+    slope = "-" if d["energy_slope"] is None else f"{d['energy_slope']:.4f} (bias {d['energy_bias']:.4f})"
+    sets = ", ".join(f"{name} {mean(s)}" for name, s in d["box_energy"].items())
+    return (f"logistic slope {slope}; mean energy of kept boxes (confidence >= {d['conf_threshold']:.3f}): {sets}; "
+            f"virtual outliers {mean(d['virtual_outlier_energy'])}")
 
 
 def _plots(cfg, scorer, id_name, boxes, thr):
