@@ -90,14 +90,18 @@ def add_ood_config(cfg):
     # iterations with the latest values, so a multiple of 20 keeps every logged value there.
     _C.MODEL.OOD.DIAGNOSTICS_PERIOD = 20
 
-    # The trunk regime (what users do with pretrained weights): CONFIG names the config of a plain
-    # detector trained first, on training splits only; its backbone and proposal generator then
-    # initialise this model, whose box head and predictor start fresh. "" = train from MODEL.WEIGHTS.
+    # The trunk regime (what users do with pretrained weights; VOS too trains a plain detector before
+    # synthesis starts): CONFIG names the config of a plain detector trained first, on training splits
+    # only; its PARTS then initialise this model, whose other parts (the box predictor, and this
+    # mode's OOD head) start fresh. "" = train from MODEL.WEIGHTS.
     _C.MODEL.OOD.TRUNK = CN()
     _C.MODEL.OOD.TRUNK.CONFIG = ""
     # KEY VALUE overrides of the trunk's config (its SEED, MODEL.DEVICE and data-loader workers
     # are this config's).
     _C.MODEL.OOD.TRUNK.OPTS = []
+    # Model-entry prefixes taken from the trunk. Without "roi_heads.box_head" the box head starts
+    # fresh too, as with ImageNet weights (a schedule several times longer to converge here).
+    _C.MODEL.OOD.TRUNK.PARTS = ["backbone", "proposal_generator", "roi_heads.box_head"]
     # Where trained trunks are kept, one folder per key (config, seed, data and code versions),
     # so that every method and setting of a seed shares one; "" = OUTPUT_DIR/trunks.
     _C.MODEL.OOD.TRUNK.CACHE_DIR = ""

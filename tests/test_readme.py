@@ -84,3 +84,44 @@ def test_readme_snippets_run_as_written(tmp_path):
     for key, value in plain.state_dict().items():  # the plain detector's weights, unchanged
         assert torch.equal(model.state_dict()[key], value), key
     assert (tmp_path / "out" / "model_calibrated.pth").is_file()
+
+
+def test_readme_results_are_the_committed_benchmark():
+    """Every number of the README's results block comes from the committed benchmark JSON:
+    the block is exactly what ``ood_det.benchmark.readme`` draws from it."""
+    import json
+
+    from ood_det.benchmark import readme
+
+    result = json.loads((REPO / "docs" / "results" / "shapes_benchmark.json").read_text())
+    assert readme.current_block((REPO / "README.md").read_text()) == readme.block(result), (
+        "README.md's results block differs from docs/results/shapes_benchmark.json; regenerate it: "
+        "python -m ood_det.benchmark.readme docs/results/shapes_benchmark.json --write README.md")
+
+
+def test_results_block_formats_the_json_and_marks_noise(tmp_path):
+    """On the archived 4-class run: the headline cells are its rows' means and sds, an interval
+    that crosses 0 is 'within noise', and --write replaces only the block."""
+    import json
+
+    from ood_det.benchmark import readme
+
+    result = json.loads((REPO / "docs/results/archive/scratch_4classes/shapes_benchmark.json").read_text())
+    text = "\n".join(readme.section(result))
+    near = next(r for r in result["rows"] if (r["method"], r["score"], r["ood_set"], r["protocol"])
+                == ("energy_cfl", "combined", "shapes_ood", "clean"))
+    assert f"| energy_cfl (combined) | {near['ap_mean']:.1f} ± {near['ap_std']:.1f} | " \
+           f"{near['fpr95_mean']:.1f} ± {near['fpr95_std']:.1f} |" in text
+    key = ("vos", "vanilla", "ap", "shapes_ood", "clean")
+    vos_ap = next(c for c in result["comparisons"]
+                  if (c["method"], c["baseline"], c["metric"], c["ood_set"], c["protocol"]) == key)
+    assert not vos_ap["significant"]
+    assert f"{vos_ap['diff_mean']:+.2f} [{vos_ap['ci95_low']:+.2f}, {vos_ap['ci95_high']:+.2f}] within noise" in text
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{readme.BEGIN}\nold\n{readme.END}\nafter\n")
+    assert readme.main([str(REPO / "docs/results/archive/scratch_4classes/shapes_benchmark.json"),
+                        "--write", str(doc)]) == 0
+    assert doc.read_text() == f"before\n{readme.block(result)}\nafter\n"
+    (tmp_path / "none.md").write_text("no block")
+    assert readme.main([str(REPO / "docs/results/archive/scratch_4classes/shapes_benchmark.json"),
+                        "--write", str(tmp_path / "none.md")]) == 2

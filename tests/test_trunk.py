@@ -1,6 +1,6 @@
 """The trunk regime: the trunk's key and cache (reused, invalidated when what went into it
 changes), its training splits, and a model started from it (backbone and RPN from the trunk,
-a fresh box head and predictor), end to end on tiny splits."""
+a fresh box predictor), end to end on tiny splits."""
 import pytest
 import torch
 
@@ -131,8 +131,10 @@ def test_interrupted_training_leaves_no_trunk_that_looks_finished(tmp_path, monk
     assert not trunk.trunk_path(cfg)[2].exists()
 
 
-def test_model_starts_from_the_trunks_backbone_and_rpn_with_a_fresh_head(tmp_path):
-    """A real (tiny) trunk: the method's backbone and RPN are the trunk's, its box head is not."""
+@pytest.mark.parametrize("parts", [None, "['backbone', 'proposal_generator']"])
+def test_model_starts_from_the_trunks_parts_with_a_fresh_predictor(tmp_path, parts):
+    """A real (tiny) trunk: the method's backbone, RPN and (by default) box head are the trunk's;
+    its box predictor is not. With PARTS without the box head, the box head starts fresh too."""
     from ood_det.checkpoint import OODCheckpointer
     from ood_det.engine import Trainer
 
@@ -143,7 +145,7 @@ def test_model_starts_from_the_trunks_backbone_and_rpn_with_a_fresh_head(tmp_pat
     opts = ["MODEL.OOD.TRUNK.OPTS", TINY_TRUNK[:-1] + ", 'DATASETS.TRAIN', \"('trunktiny_train',)\"]",
             "DATASETS.TRAIN", "('trunktiny_train',)", "DATASETS.TEST", "()", "DATASETS.OOD_TEST", "()",
             "DATASETS.OOD_CALIBRATION", "()", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-            "OUTPUT_DIR", str(tmp_path / "run")]
+            "OUTPUT_DIR", str(tmp_path / "run"), *(["MODEL.OOD.TRUNK.PARTS", parts] if parts else [])]
     cfg = load_config("shapes_energy_cfl.yaml", ["MODEL.OOD.TRUNK.CACHE_DIR", str(tmp_path / "trunks"), *opts])
     path = trunk.ensure_trunk(cfg)
     saved = torch.load(path, weights_only=True)["model"]
@@ -153,13 +155,25 @@ def test_model_starts_from_the_trunks_backbone_and_rpn_with_a_fresh_head(tmp_pat
     trainer.resume_or_load(resume=False)
     state = trainer.model.state_dict()
     assert trainer.start_iter == 0
+    taken = trunk.trunk_prefixes(cfg)
+    assert ("roi_heads.box_head." in taken) == (parts is None)
+    checked = set()
     for key, value in state.items():
-        if key.startswith(trunk.TRUNK_PREFIXES):
+        if key.startswith(taken):
             assert torch.equal(value, saved[key]), key
-        elif key.startswith("roi_heads.box_head.") and key in saved:
+            checked.add(key.split(".")[0 if key.startswith(("backbone", "proposal")) else 1])
+        elif key.startswith(("roi_heads.box_head.", "roi_heads.box_predictor.cls_score")) and key in saved:
             assert torch.equal(value, fresh[key]) and not torch.equal(value, saved[key]), key
+            checked.add(key.split(".")[1])
+    assert checked == {"backbone", "proposal_generator", "box_head", "box_predictor"}
     assert isinstance(trainer.checkpointer, OODCheckpointer)
     with pytest.raises(ConfigError, match="both say where training starts"):
         weighted = cfg.clone()
         weighted.MODEL.WEIGHTS = path
         Trainer(weighted).resume_or_load(resume=False)
+
+
+def test_trunk_parts_must_name_model_parts(tmp_path):
+    assert trunk.trunk_prefixes(method_cfg(tmp_path)) == ("backbone.", "proposal_generator.", "roi_heads.box_head.")
+    with pytest.raises(ConfigError, match="TRUNK.PARTS"):
+        trunk.trunk_prefixes(method_cfg(tmp_path, "MODEL.OOD.TRUNK.PARTS", "['']"))

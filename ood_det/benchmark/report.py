@@ -288,8 +288,9 @@ def _regime_line(result):
     trunks = result.get("trunks") or []
     spent = sum(t.get("wall_time_s", 0) for t in trunks)
     return (f"Regime: trunk ({classes}): per seed, one plain detector ({plan['trunk_config']}) trained on the "
-            f"training split only; every method of that seed starts from its backbone and RPN with a fresh box head "
-            f"and predictor ({len(trunks)} trunk run(s), {spent:.0f} s in all).")
+            f"training split only; every method of that seed starts from its "
+            f"{', '.join(plan.get('trunk_parts') or [])} with a fresh box predictor ({len(trunks)} trunk run(s), "
+            f"{spent:.0f} s in all).")
 
 
 # ---------------------------------------------------------------- markdown: cost

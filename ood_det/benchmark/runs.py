@@ -28,8 +28,7 @@ from .provenance import REPO, now
 METHODS = ("vanilla", "vos", "energy_cfl")
 #: Five seeds: with fewer, a paired t interval is too wide to show a real difference.
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
-#: --quick trains a third of the schedule (one seed): 9.7 min on 2 CPU cores with the default 2 jobs
-#: (10.2 min with --jobs 1), the cost part (~40 s) included.
+#: --quick without a trunk (the from-scratch configs) trains a third of the schedule (one seed).
 QUICK_SCALE = 1.0 / 3.0
 #: --quick in the trunk regime: the methods train their whole schedule (a quick run must compare
 #: converged models) on a trunk trained for this share of its own.
@@ -174,6 +173,7 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
         "config_scores": {m: i[1] for m, i in info.items()},
         "datasets": list(dict.fromkeys(n for i in info.values() for n in i[3])),
         "regime": "trunk" if trunk else "scratch", "trunk_config": trunk, "trunk_cache": trunk_cache,
+        "trunk_parts": list(load_config(next(iter(configs.values())), opts).MODEL.OOD.TRUNK.PARTS) if trunk else [],
         "num_classes": sorted({i[5] for i in info.values()}),
         "convergence_points": points,
     }

@@ -76,7 +76,7 @@ class Trainer(DefaultTrainer):
                               f"{self.cfg.MODEL.OOD.TRUNK.CONFIG!r} both say where training starts; "
                               "clear one of them (MODEL.OOD.TRUNK.CONFIG '' trains from MODEL.WEIGHTS)")
         path = trunk.ensure_trunk(self.cfg)
-        self.checkpointer.load_trunk(path, trunk.TRUNK_PREFIXES)
+        self.checkpointer.load_trunk(path, trunk.trunk_prefixes(self.cfg))
         self.start_iter = 0
 
     def run_step(self):

@@ -5,7 +5,8 @@ Users of OOD detectors start from pretrained weights, and VOS trains a plain det
 of its schedule before synthesis starts. ``MODEL.OOD.TRUNK.CONFIG`` names the config of that
 plain detector (the trunk). Before a model of such a config trains, :func:`ensure_trunk` trains
 the trunk on its training splits, or finds it already trained, and the model takes the trunk's
-``backbone.*`` and ``proposal_generator.*`` weights; its box head and predictor start fresh.
+``MODEL.OOD.TRUNK.PARTS`` (by default backbone, proposal generator and box head); the rest (the box
+predictor, and the OOD head of the mode) starts fresh.
 
 A trunk is kept under ``MODEL.OOD.TRUNK.CACHE_DIR/<key>/model_final.pth``, where the key is a
 digest of everything that changes it: the trunk's resolved config (seed and device included),
@@ -30,8 +31,6 @@ from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-#: Model entries a trunk gives; the rest (box head, box predictor) start fresh.
-TRUNK_PREFIXES = ("backbone.", "proposal_generator.")
 TRUNK_FILE = "model_final.pth"
 KEY_FILE = "trunk_key.json"
 #: Words of a dataset name that mark it as no training split.
@@ -40,6 +39,15 @@ _HELD_OUT_WORDS = {"val", "valid", "validation", "test", "tune", "ood"}
 
 def has_trunk(cfg) -> bool:
     return bool(cfg.MODEL.OOD.TRUNK.CONFIG)
+
+
+def trunk_prefixes(cfg):
+    """Model-entry prefixes taken from the trunk (``MODEL.OOD.TRUNK.PARTS``)."""
+    parts = [p.strip(".") for p in cfg.MODEL.OOD.TRUNK.PARTS]
+    if not parts or not all(parts):
+        raise ConfigError("MODEL.OOD.TRUNK.PARTS must name model parts, e.g. ['backbone'], "
+                          f"got {list(cfg.MODEL.OOD.TRUNK.PARTS)}")
+    return tuple(p + "." for p in parts)
 
 
 def trunk_config(cfg):
