@@ -311,6 +311,7 @@ class OODCheckpointer(DetectionCheckpointer):
             keep += (TRAINING_ONLY,)
             for key in [k for k in state if _strip(k).startswith(TRAINING_ONLY)]:
                 del state[key]
+        _size_data_buffers(self.model, state)
         if is_ood_checkpoint(state):
             bad = mismatched_predictor_keys(self.model.state_dict(), state)
             if bad:
@@ -340,6 +341,22 @@ class OODCheckpointer(DetectionCheckpointer):
             "(energy and msp per box; no representation score, which needs a model trained with MODEL.OOD.MODE "
             "energy_cfl); no box is flagged is_ood until ood_det.calibrate runs on validation data",
             getattr(self, "_loading", "the checkpoint"), self._box_predictor().scorer.score_name)
+
+
+def _size_data_buffers(model, state) -> None:
+    """Buffers whose size is data, not architecture (the scorer's kNN bank: as many rows as
+    calibration kept), take the checkpoint's size before loading: fvcore would skip them as
+    mismatched, and a mismatch here is no sign of another model."""
+    for key, value in state.items():
+        owner, _, leaf = _strip(key).rpartition(".")
+        if leaf != "knn_bank" or not hasattr(value, "shape"):
+            continue
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if hasattr(module, "resize_knn_bank"):
+            module.resize_knn_bank(tuple(value.shape))
 
 
 def _split_query(path: str):

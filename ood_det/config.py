@@ -16,8 +16,8 @@ def add_ood_config(cfg):
     # Which variant the EnergyCFL head trains: "vanilla" (plain detector, scores post hoc),
     # "vos" (energy + virtual outliers) or "energy_cfl" (energy + CFL centers + outliers).
     _C.MODEL.OOD.MODE = "energy_cfl"
-    # Score behind ood_score / is_ood: "energy", "msp", "representation", "combined", or "auto"
-    # (combined when the mode trains class centers, i.e. energy_cfl; energy otherwise).
+    # Score behind ood_score / is_ood: "energy", "msp", "representation", "combined", "knn",
+    # "knn_energy", or "auto" (combined when the mode trains class centers, i.e. energy_cfl; energy otherwise).
     _C.MODEL.OOD.SCORE = "auto"
     # Temperature T of energy(x) = -T * logsumexp(f_1..f_K(x) / T).
     _C.MODEL.OOD.ENERGY_TEMPERATURE = 1.0
@@ -26,6 +26,18 @@ def add_ood_config(cfg):
     # Choose w at calibration instead, without OOD data: the weight that best separates the
     # in-distribution validation boxes from virtual outliers (a logistic regression on both terms).
     _C.MODEL.OOD.FIT_REP_SCORE_WEIGHT = False
+    # The "knn" and "knn_energy" scores (Sun et al. 2022): distance of a box's L2-normalized embedding
+    # to its KNN_K-th nearest in-distribution validation embedding, post hoc, from a bank that
+    # calibration fills. Sun et al. take k = 50 with banks of a million ImageNet images; a bank of a
+    # few thousand validation boxes, a few hundred per class, needs a smaller k, or the k-th neighbour
+    # of a box of a rare class lies in another class.
+    _C.MODEL.OOD.KNN_K = 10
+    # Most validation embeddings the bank keeps (a random subset with a fixed seed when more boxes
+    # pass calibration's confidence threshold); memory BANK_SIZE x embedding size x 4 bytes. Calibration
+    # fills it when SCORE is knn or knn_energy (then the evaluation reports both). 0 = no bank.
+    _C.MODEL.OOD.KNN_BANK_SIZE = 10000
+    # Weight w of the kNN term in the "knn_energy" id score: std(-energy) + w * std(knn).
+    _C.MODEL.OOD.KNN_WEIGHT = 1.0
 
     # Embedding head: box feature (D) -> hidden -> EMBED_DIM (E), L2-normalized.
     _C.MODEL.OOD.EMBED_DIM = 128

@@ -35,7 +35,8 @@ from ood_det.cli.train_net import main as train_net
 from ood_det.data.synthetic import register_shapes_splits
 from ood_det.engine import Trainer
 
-SIZES = {"train": 8, "val": 16, "test": 16, "ood": 16, "ood_far": 16, "tune": 4, "ood_tune": 4}
+# train: every one of the 8 classes, so that every outlier queue fills
+SIZES = {"train": 32, "val": 16, "test": 16, "ood": 16, "ood_far": 16, "tune": 4, "ood_tune": 4}
 
 
 def kill_in_save(name: str) -> None:

@@ -216,7 +216,8 @@ def test_tiny_vos_run_writes_diagnostics(vos_run):
     prefix = "roi_heads.box_predictor."
     assert diag["energy_slope"] == pytest.approx(float(weights[prefix + "energy_logistic.linear.weight"]))
     assert diag["energy_bias"] == pytest.approx(float(weights[prefix + "energy_logistic.linear.bias"]))
-    queues_full = bool((weights[prefix + "synthesizer.queue_count"] == 4).all())  # MODEL.OOD.QUEUE_SIZE 4
+    queue_size = int(FAST[FAST.index("MODEL.OOD.QUEUE_SIZE") + 1])
+    queues_full = bool((weights[prefix + "synthesizer.queue_count"] == queue_size).all())
     assert (diag["virtual_outlier_energy"] is not None) == queues_full
     # Logged at iterations 2 and 5; detectron2 writes metrics.json at the last one (5).
     logged = [m for m in _metrics(out / "metrics.json") if SLOPE in m]

@@ -46,12 +46,12 @@ TIMEOUT = 600
 MAX_ITER, PERIOD = 6, 2
 FAST = [
     "MODEL.OOD.TRUNK.CONFIG", "",  # from scratch: the trunk regime has its own tests (test_trunk.py)
-    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.IMS_PER_BATCH", "4",  # 8 classes: every queue fills before START_ITER
     "SOLVER.WARMUP_ITERS", "1",
     "SOLVER.STEPS", "()",
     "DATALOADER.NUM_WORKERS", "0",
     "MODEL.OOD.START_ITER", "2",
-    "MODEL.OOD.QUEUE_SIZE", "4",
+    "MODEL.OOD.QUEUE_SIZE", "2",
     "MODEL.OOD.NUM_CANDIDATES", "100",
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
     "DATASETS.TEST", "()",

@@ -17,14 +17,14 @@ from reliability_runner import SIZES
 
 FAST = [
     "MODEL.OOD.TRUNK.CONFIG", "",  # from scratch: the trunk regime has its own tests (test_trunk.py)
-    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.IMS_PER_BATCH", "4",  # 8 classes: every queue fills before START_ITER
     "SOLVER.MAX_ITER", "6",
     "SOLVER.WARMUP_ITERS", "1",
     "SOLVER.STEPS", "()",
     "SOLVER.CHECKPOINT_PERIOD", "100",
     "DATALOADER.NUM_WORKERS", "0",
     "MODEL.OOD.START_ITER", "3",
-    "MODEL.OOD.QUEUE_SIZE", "4",
+    "MODEL.OOD.QUEUE_SIZE", "2",
     "MODEL.OOD.NUM_CANDIDATES", "100",
     # A model trained for 6 iterations is unsure of everything: keep all its boxes.
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",

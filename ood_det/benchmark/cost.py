@@ -16,6 +16,8 @@ repeat) so that they share the machine's noise; min / median / max over the repe
 - peak memory of the synthesis step vs the size of an N x D candidate tensor; on a GPU also the
   peak memory (``torch.cuda.max_memory_allocated``) of a training step and an inference of each
   detector.
+- apart from the benchmark run, :func:`knn_cost`: time and memory of the knn field's exact search
+  at several bank sizes.
 
 Preset ``full`` is the VOC head (K=20, D=1024, queue 1000, N=10000, S=1) on the shapes
 backbone at 128 px, batch 2; ``tiny`` is for tests.
@@ -36,6 +38,7 @@ from detectron2.utils.events import EventStorage
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..modeling.scores import knn_distance
 from ..modeling.synthesizer import VirtualOutlierSynthesizer, brute_force_sample
 
 #: Goals of the issue for the cost (reported, not enforced).
@@ -529,3 +532,25 @@ def run_cost(settings, device, config="shapes_energy_cfl.yaml", scale="full"):
                     optimizer="detectron2 build_optimizer with SOLVER.BASE_LR 0 (weights never change)")
     return {"settings": recorded, "train_step": train, "inference": infer, "synthesis": synth,
             "equivalence": equiv, "memory": memory, "wall_time_s": round(time.perf_counter() - start, 2)}
+
+
+def knn_cost(bank_sizes=(1000, 10000, 100000), dim=128, queries=2000, k=10, repeats=3, device="cpu", seed=0):
+    """What the knn field costs per batch of ``queries`` boxes at each bank size: the exact search of
+    :func:`~ood_det.modeling.scores.knn_distance` (as the head runs it), min / median / max seconds
+    over ``repeats``, and memory: the bank's bytes, the peak above the start and the largest single
+    allocation of one search (:func:`peak_memory`; on the CPU the similarity block of one chunk of
+    queries bounds it, whatever the number of queries)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.randn(queries, dim, generator=g).to(device)
+    rows = []
+    for size in bank_sizes:
+        bank = torch.nn.functional.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)
+        search = lambda: knn_distance(boxes, bank, k)  # noqa: E731
+        search()  # warm-up: first-call allocations and kernel selection are not the steady cost
+        seconds = summary([timed(search, device) for _ in range(repeats)])
+        peak, largest, method = peak_memory(search, device)
+        rows.append({"bank_size": size, "dim": dim, "queries": queries, "k": k, "seconds": seconds,
+                     "bank_bytes": bank.numel() * bank.element_size(), "search_peak_bytes": peak,
+                     "largest_allocation_bytes": largest, "memory_method": method})
+    return rows

@@ -324,6 +324,8 @@ def read_run_convergence(run_dir):
     """[{iter, fraction, map, rows}] of a run's convergence points and its end, with the rows of
     its configured score on the clean protocol only (the record stays small)."""
     cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():  # a run folder written by another tool: no schedule, no points
+        return []
     max_iter = _max_iter(cfg_path)
     out = []
     for point in read_convergence(run_dir, max_iter):

@@ -25,6 +25,8 @@ key               meaning
 ``energy``        -T logsumexp(logits / T); LOWER = more in-distribution
 ``msp``           max softmax probability over the classes; higher = more ID
 ``rep_score``     max cosine similarity to a class center (models with centers)
+``knn``           minus the distance to the k-th nearest validation embedding
+                  (models whose calibration filled the kNN bank)
 ``scores``        detection confidence (used by ``--min-confidence``)
 ``pred_classes``  predicted class index (the open-set metrics' WI matches per class)
 ``image_id``      the box's image; ``boxes``: (N, 4) XYXY (open-set metrics)
@@ -43,6 +45,8 @@ in-distribution):
 - ``energy``, ``msp``, ``representation`` (alias ``rep_score``): one raw score;
 - ``combined``: ``std(-energy) + w * std(rep_score)`` with ``w`` = 1 (or each
   ``--rep-weight``), standardized on the ``--id`` file's kept boxes;
+- ``knn``: the raw ``knn`` field; ``knn_energy``: ``std(-energy) + std(knn)``,
+  standardized the same way;
 - ``all``: ``id_score``, then each of the others that both files hold.
 
 ``--rep-weight W [W ...]`` adds one row per weight W, named ``combined_w<W>``:
@@ -92,7 +96,9 @@ from ood_det.evaluation.openset import (
 from ood_det.modeling.scorer import RAW_FIELDS, SCORE_TERMS, OODScorer
 from ood_det.utils import atomic_write
 
-RECOMPUTED = ("energy", "msp", "representation", "combined")
+RECOMPUTED = ("energy", "msp", "representation", "combined", "knn", "knn_energy")
+#: Sums of two standardized terms: standardizing changes their ranking.
+STANDARDIZED = ("combined", "knn_energy")
 ALIASES = {"rep_score": "representation"}
 CONFIDENCE_KEY = "scores"
 
@@ -163,9 +169,9 @@ def score_row(score, label, id_arrays, id_path, ood_arrays, ood_path, min_confid
     if score == "id_score":
         id_values, ood_values = id_fields["id_score"], ood_fields["id_score"]
     else:
-        # Standardizing one score does not change its ranking: only the combined one needs it.
+        # Standardizing one score does not change its ranking: only the sums need it.
         has_rep = "rep_score" in id_fields
-        scorer = fitted_scorer(id_fields, weight) if score == "combined" else OODScorer(has_representation=has_rep)
+        scorer = fitted_scorer(id_fields, weight) if score in STANDARDIZED else OODScorer(has_representation=has_rep)
         id_values, ood_values = (scorer.id_score(f, score).numpy() for f in (id_fields, ood_fields))
     try:
         return {"ood": ood_path, "score": label, **ood_metrics(id_values, ood_values)}

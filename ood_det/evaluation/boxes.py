@@ -11,7 +11,12 @@ Box arrays are dicts of equal-length NumPy arrays (one entry per output box):
 ``energy``        -T logsumexp(fg logits / T); lower = more in-distribution
 ``msp``           max softmax probability over the K classes; higher = more ID
 ``rep_score``     max cosine similarity to a class center (models with centers)
+``knn``           minus the distance to the k-th nearest validation embedding
+                  (models whose calibration filled the kNN bank)
 ================  ===========================================================
+
+While calibration runs, each box also carries its (E,) knn embedding
+(``knn_embedding``: (N, E) arrays), from which it fills the bank.
 
 The names are those of the per-box fields of the model's ``Instances``, of the
 score files (``ood_scores_<dataset>.npz``) and of ``tools/visualize_ood.py``'s
@@ -27,7 +32,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-from ..modeling.scorer import RAW_FIELDS
+from ..modeling.scorer import KNN_EMBEDDING, RAW_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +98,8 @@ class OODEvaluator(DatasetEvaluator):
                 "pred_classes": inst.pred_classes.numpy().astype(np.int64),
             }
             part.update({k: inst.get(k).float().numpy() for k in RAW_FIELDS if inst.has(k)})
+            if inst.has(KNN_EMBEDDING):
+                part[KNN_EMBEDDING] = inst.get(KNN_EMBEDDING).float().numpy()
             self._parts.append(part)
             self._image_ids.append(str(inp["image_id"]))
 

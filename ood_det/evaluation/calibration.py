@@ -11,17 +11,23 @@ checkpoint):
 2. mean / std of each raw score over the validation boxes that pass it (they
    standardize the id scores) and, with ``MODEL.OOD.FIT_REP_SCORE_WEIGHT``, the weight of
    the combined score that best separates those boxes from virtual outliers;
-3. the id-score threshold that keeps 95% of those boxes (``is_ood`` below it).
+3. with ``MODEL.OOD.SCORE`` knn or knn_energy, the kNN bank: the embeddings of those boxes
+   (at most ``MODEL.OOD.KNN_BANK_SIZE``), from which the ``knn`` field of every later box is
+   computed; the boxes' own ``knn`` field, for step 2, leaves each box's own bank row out.
+   Other scores keep no bank: no embedding is collected and no box pays for a search;
+4. the id-score threshold that keeps 95% of those boxes (``is_ood`` below it).
 
 A split that is a test set (listed in ``DATASETS.TEST`` or ``DATASETS.OOD_TEST``,
 marked OOD, or named ``*test*``) is refused.
 """
+import contextlib
 import logging
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..errors import ConfigError
+from ..modeling.scorer import KNN_EMBEDDING, NEEDS_KNN
 from .boxes import OODEvaluator, concat_boxes, f1_optimal_threshold, score_fields, select
 from .loader import run_inference
 
@@ -99,11 +105,12 @@ def calibrate(cfg, model, dataset_names=None) -> dict:
     scorer = find_scorer(model)
     num_classes = find_box_predictor(model).num_classes
     parts, thresholds, skipped = [], [], []
-    for name in names:  # inference_on_dataset puts the model in eval mode while it runs
-        arrays, image_ids, bad = collect_boxes(cfg, model, name)
-        thresholds.append(confidence_threshold(arrays, name, image_ids, num_classes))
-        parts.append(arrays)
-        skipped += bad
+    with _knn_embeddings_out(find_box_predictor(model), scorer.score_name in NEEDS_KNN):
+        for name in names:  # inference_on_dataset puts the model in eval mode while it runs
+            arrays, image_ids, bad = collect_boxes(cfg, model, name)
+            thresholds.append(confidence_threshold(arrays, name, image_ids, num_classes))
+            parts.append(arrays)
+            skipped += bad
     conf_threshold = float(np.mean(thresholds))
     boxes = concat_boxes(parts)
     kept = select(boxes, boxes["scores"] >= conf_threshold)
@@ -112,8 +119,33 @@ def calibrate(cfg, model, dataset_names=None) -> dict:
             f"calibration on {', '.join(names)} kept {len(kept['scores'])} box(es) above confidence "
             f"{conf_threshold:.3f}: the model detects (almost) nothing there; train longer"
         )
+    _fill_knn_bank(scorer, kept)
     outliers = find_box_predictor(model).virtual_outlier_fields() if scorer.fit_rep_weight else None
     summary = scorer.fit(score_fields(kept), conf_threshold, outlier_fields=outliers)
     summary.update(datasets=names, unreadable_images=len(skipped))
     logger.info("OOD calibration on %s: %s", ", ".join(names), summary)
     return summary
+
+
+@contextlib.contextmanager
+def _knn_embeddings_out(predictor, wanted: bool):
+    """The head's output boxes carry their knn embedding while the block runs (when ``wanted``)."""
+    before = getattr(predictor, "emit_knn_embeddings", False)
+    predictor.emit_knn_embeddings = wanted
+    try:
+        yield
+    finally:
+        predictor.emit_knn_embeddings = before
+
+
+def _fill_knn_bank(scorer, kept) -> None:
+    """The bank from the kept validation boxes' embeddings; their ``knn`` field (in place), scored
+    against it. A bank of an earlier calibration scored the boxes too: that field goes."""
+    kept.pop("knn", None)
+    embeddings = kept.pop(KNN_EMBEDDING, None)
+    if embeddings is None:
+        scorer.resize_knn_bank((0, 0))
+        return
+    knn = scorer.fill_bank(embeddings)
+    if knn is not None:
+        kept["knn"] = knn.double().cpu().numpy()

@@ -13,7 +13,8 @@ class logits and box deltas; what it adds depends on ``MODEL.OOD.MODE``:
   (``loss_cfl``); outliers are also pushed away from every center (``loss_rep_out``).
 
 Every output box carries the raw scores of its ``OODScorer`` (``energy``,
-``msp``, and ``rep_score`` with centers), ``ood_score`` and ``is_ood``.
+``msp``, ``rep_score`` with centers, ``knn`` once calibration filled the kNN
+bank), ``ood_score`` and ``is_ood``.
 
 Shape shorthand: R proposals (all images of a batch), K classes, D box-head
 feature size, E embedding size, P virtual outliers.
@@ -30,10 +31,11 @@ from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import log_first_n
 from torch import nn
 
 from .losses import EnergyLogistic, cfl_loss, energy_loss_logistic, energy_loss_margin, rep_outlier_loss
-from .scorer import OODScorer
+from .scorer import KNN_EMBEDDING, OODScorer
 from .scores import energy, foreground_logits
 from .synthesizer import VirtualOutlierSynthesizer, host_to_device
 
@@ -126,6 +128,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
                 self.energy_weights = nn.Parameter(torch.rand(self.num_classes))
         if mode == "energy_cfl":
             self._init_embedding(embed_dim, embed_hidden_dim)
+        #: Set by calibration: output boxes then carry their knn embedding (``KNN_EMBEDDING``) too.
+        self.emit_knn_embeddings = False
 
     def _init_embedding(self, embed_dim: int, embed_hidden_dim: int) -> None:
         if embed_dim <= 0 or embed_hidden_dim <= 0:
@@ -183,6 +187,13 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
     def embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """(R, D) box features -> (R, E) L2-normalized embeddings (energy_cfl mode only)."""
         return F.normalize(self.embed(features), dim=1)
+
+    def knn_embeddings(self, features: torch.Tensor, embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the kNN bank holds per box: the embedding where the mode trains one (shaped around
+        the class centers), else the L2-normalized box feature, the penultimate layer, as Sun et al."""
+        if self.embed is not None:
+            return embeddings if embeddings is not None else self.embeddings(features)
+        return F.normalize(features.float(), dim=1)
 
     # ------------------------------------------------------------ training
     def losses(self, predictions, proposals: List[Instances]) -> Dict[str, torch.Tensor]:
@@ -282,11 +293,20 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         return results, kept
 
     def _ood_fields(self, logits: torch.Tensor, features: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The scorer's raw fields, ``ood_score`` and ``is_ood`` of (R,) boxes."""
+        """The scorer's raw fields, ``ood_score`` and ``is_ood`` of (R,) boxes (and their knn
+        embeddings while calibration asks for them)."""
         embeddings = self.embeddings(features) if self.embed is not None else None
-        fields = self.scorer.box_scores(logits, embeddings, self.centers)
-        id_score = self.scorer.id_score(fields)
-        return {**fields, "ood_score": -id_score, "is_ood": self.scorer.is_ood(id_score)}
+        wanted = self.scorer.has_bank or self.emit_knn_embeddings
+        knn_embeddings = self.knn_embeddings(features, embeddings) if wanted else None
+        fields = self.scorer.box_scores(logits, embeddings, self.centers, knn_embeddings)
+        if self.scorer.can_score(fields):
+            id_score = self.scorer.id_score(fields)
+        else:  # a kNN score before calibration filled the bank (calibration itself runs this)
+            log_first_n(logging.WARNING, f"No kNN bank yet: the {self.scorer.score_name} score is NaN until "
+                        "calibration (tools/train_net.py --calibrate)", n=1, name=__name__)
+            id_score = torch.full_like(fields["energy"], float("nan"))
+        extra = {KNN_EMBEDDING: knn_embeddings} if self.emit_knn_embeddings else {}
+        return {**fields, "ood_score": -id_score, "is_ood": self.scorer.is_ood(id_score), **extra}
 
     # Parent methods unpack predictions as (scores, deltas): give them just that.
     def predict_boxes_for_gt_classes(self, predictions, proposals):

@@ -9,7 +9,13 @@ raw field       definition                           enters the id score as
 ``energy``      ``-T logsumexp(f_1..f_K / T)``       ``-energy``
 ``msp``         ``max_k softmax(f_1..f_K)_k``        ``msp``
 ``rep_score``   ``max_k cos(z, c_k)``                ``rep_score``
+``knn``         ``-d_k(z)``                          ``knn``
 ==============  ===================================  =====================
+
+``d_k(z)`` is the Euclidean distance of the box's L2-normalized embedding (``energy_cfl``: the
+embedding head's output; ``vanilla``, ``vos``: the box-head feature) to its k-th nearest row of
+a bank of in-distribution validation embeddings (Sun et al., ICML 2022), which calibration fills;
+boxes carry ``knn`` only once the bank holds rows.
 
 The id score of a box (``MODEL.OOD.SCORE``), ``std(.)`` standardizing with the
 mean and std of in-distribution validation boxes (identity before calibration):
@@ -18,6 +24,8 @@ mean and std of in-distribution validation boxes (identity before calibration):
 - ``msp``: ``std(msp)``
 - ``representation``: ``std(rep_score)``
 - ``combined``: ``std(-energy) + w * std(rep_score)``
+- ``knn``: ``std(knn)``
+- ``knn_energy``: ``std(-energy) + w_knn * std(knn)``
 
 ``ood_score = -id_score``; a box is ``is_ood`` when its id score is below the
 threshold that keeps ``keep_share`` (95%) of the validation boxes. Temperature,
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from torch import nn
+from torch.nn import functional as F
 
 from ..evaluation.metrics import threshold_at_tpr
 from . import scores as S
@@ -38,20 +47,34 @@ from . import scores as S
 logger = logging.getLogger(__name__)
 
 #: Per-box raw fields and the sign that makes each "higher = more in-distribution".
-RAW_FIELDS = {"energy": -1.0, "msp": 1.0, "rep_score": 1.0}
-#: id-score names -> the raw fields they standardize (the combined one adds w * rep_score).
+RAW_FIELDS = {"energy": -1.0, "msp": 1.0, "rep_score": 1.0, "knn": 1.0}
+#: id-score names -> the raw fields they standardize (the combined one adds w * rep_score,
+#: knn_energy w_knn * knn).
 SCORE_TERMS = {
     "energy": ("energy",),
     "msp": ("msp",),
     "representation": ("rep_score",),
     "combined": ("energy", "rep_score"),
+    "knn": ("knn",),
+    "knn_energy": ("energy", "knn"),
 }
 SCORE_NAMES = tuple(SCORE_TERMS)
 #: Scores that need class centers (a model trained with MODEL.OOD.MODE energy_cfl).
 NEEDS_REPRESENTATION = ("representation", "combined")
+#: Scores that need the kNN bank, which calibration fills.
+NEEDS_KNN = ("knn", "knn_energy")
+#: Rows of the ``stats`` buffer; the knn field's mean and std are ``knn_stats`` (checkpoints of
+#: the three-row layout keep loading).
+STATS_FIELDS = ("energy", "msp", "rep_score")
+#: Seed of the random subset of validation embeddings kept when there are more than the bank holds.
+KNN_BANK_SEED = 0
+#: Per-box field of the inference outputs that carries the knn embedding while calibration asks for it.
+KNN_EMBEDDING = "knn_embedding"
 #: The share of in-distribution validation boxes that the decision threshold keeps.
 KEEP_SHARE = 0.95
-FLOAT64_BUFFERS = ("stats", "rep_weight", "id_threshold", "conf_threshold")
+FLOAT64_BUFFERS = ("stats", "knn_stats", "rep_weight", "id_threshold", "conf_threshold")
+#: Buffers that dtype casts (``model.half()``) leave as they are.
+CAST_PROOF_BUFFERS = (*FLOAT64_BUFFERS, "knn_bank")
 #: The largest representation weight calibration may choose (the representation alone, nearly).
 MAX_FITTED_WEIGHT = 10.0
 
@@ -63,8 +86,11 @@ class OODScorer(nn.Module):
     Buffers (saved in checkpoints, follow the model's device):
         calibrated: () bool, False until :meth:`fit` ran on validation data.
         stats: (3, 2) float64 mean and std of ``-energy``, ``msp`` and ``rep_score`` on
-            in-distribution validation boxes (rows in ``RAW_FIELDS`` order); (0, 1),
+            in-distribution validation boxes (rows in ``STATS_FIELDS`` order); (0, 1),
             which leaves scores raw, until calibrated.
+        knn_stats: (2,) float64 mean and std of ``knn`` on the same boxes; (0, 1) until then.
+        knn_bank: (N, E) float32 L2-normalized embeddings of in-distribution validation boxes,
+            N <= ``knn_bank_size``; (0, 0) (no kNN score) until calibration fills it.
         rep_weight: () float64 w of the combined score.
         id_threshold: () id score keeping ``keep_share`` of the validation boxes.
         conf_threshold: () detection-confidence threshold chosen on validation data.
@@ -80,6 +106,10 @@ class OODScorer(nn.Module):
         fit_rep_weight: bool = False,
         has_representation: bool = True,
         keep_share: float = KEEP_SHARE,
+        knn_k: int = 10,
+        knn_bank_size: int = 10000,
+        knn_weight: float = 1.0,
+        knn_chunk_elements: int = S.KNN_CHUNK_ELEMENTS,
     ):
         """
         Args:
@@ -91,6 +121,11 @@ class OODScorer(nn.Module):
                 the weight that best separates validation boxes from virtual outliers (see :meth:`fit`).
             has_representation: whether the model has an embedding head and class centers.
             keep_share: share of validation boxes kept by the decision threshold.
+            knn_k: k of the knn field (``MODEL.OOD.KNN_K``).
+            knn_bank_size: most validation embeddings the bank keeps (``MODEL.OOD.KNN_BANK_SIZE``;
+                0: no bank, no kNN scores).
+            knn_weight: w_knn of the knn_energy score (``MODEL.OOD.KNN_WEIGHT``).
+            knn_chunk_elements: bound on the similarities the kNN search holds at once.
         """
         super().__init__()
         if not temperature > 0:
@@ -101,14 +136,28 @@ class OODScorer(nn.Module):
         self.fit_rep_weight = bool(fit_rep_weight)
         self.has_representation = bool(has_representation)
         self.keep_share = float(keep_share)
+        self._init_knn(knn_k, knn_bank_size, knn_weight, knn_chunk_elements)
         self.score_name = self._resolve(score)
         f64 = torch.float64
         self.register_buffer("calibrated", torch.tensor(False))
-        self.register_buffer("stats", torch.tensor([[0.0, 1.0]] * len(RAW_FIELDS), dtype=f64))
+        self.register_buffer("stats", torch.tensor([[0.0, 1.0]] * len(STATS_FIELDS), dtype=f64))
+        self.register_buffer("knn_stats", torch.tensor([0.0, 1.0], dtype=f64))
+        self.register_buffer("knn_bank", torch.zeros(0, 0))
         self.register_buffer("rep_weight", torch.tensor(float(rep_weight), dtype=f64))
         self.register_buffer("id_threshold", torch.tensor(0.0, dtype=f64))
         self.register_buffer("conf_threshold", torch.tensor(0.0, dtype=f64))
         self._cast_cache = None  # (key, constants) of _constants
+
+    def _init_knn(self, k: int, bank_size: int, weight: float, chunk_elements: int) -> None:
+        if int(k) < 1:
+            raise ValueError(f"MODEL.OOD.KNN_K must be >= 1, got {k}")
+        if int(bank_size) < 0 or 0 < int(bank_size) <= int(k):
+            raise ValueError(f"MODEL.OOD.KNN_BANK_SIZE must be 0 (no kNN score) or > MODEL.OOD.KNN_K ({k}), "
+                             f"got {bank_size}")
+        if not np.isfinite(weight):
+            raise ValueError(f"MODEL.OOD.KNN_WEIGHT must be finite, got {weight}")
+        self.knn_k, self.knn_bank_size = int(k), int(bank_size)
+        self.knn_weight, self.knn_chunk_elements = float(weight), int(chunk_elements)
 
     @classmethod
     def from_config(cls, cfg):
@@ -119,11 +168,15 @@ class OODScorer(nn.Module):
             "rep_weight": ood.REP_SCORE_WEIGHT,
             "fit_rep_weight": ood.FIT_REP_SCORE_WEIGHT,
             "has_representation": ood.MODE == "energy_cfl",
+            "knn_k": ood.KNN_K,
+            "knn_bank_size": ood.KNN_BANK_SIZE,
+            "knn_weight": ood.KNN_WEIGHT,
         }
 
     def extra_repr(self) -> str:
         return (f"score={self.score_name}, temperature={self.temperature}, fit_rep_weight={self.fit_rep_weight}, "
-                f"has_representation={self.has_representation}, keep_share={self.keep_share}")
+                f"has_representation={self.has_representation}, keep_share={self.keep_share}, "
+                f"knn_k={self.knn_k}, knn_bank_size={self.knn_bank_size}, knn_weight={self.knn_weight}")
 
     def _resolve(self, score: str) -> str:
         if score == "auto":
@@ -135,17 +188,27 @@ class OODScorer(nn.Module):
                 f"MODEL.OOD.SCORE={score!r} needs class centers, which only MODEL.OOD.MODE energy_cfl trains; "
                 "use MODEL.OOD.SCORE energy, msp or auto"
             )
+        if score in NEEDS_KNN and self.knn_bank_size == 0:
+            raise ValueError(f"MODEL.OOD.SCORE={score!r} needs a kNN bank: set MODEL.OOD.KNN_BANK_SIZE > 0")
         return score
 
     @property
+    def has_bank(self) -> bool:
+        """Whether calibration filled the kNN bank (a shape test: no device sync)."""
+        return self.knn_bank.shape[0] > 0
+
+    @property
     def available_scores(self) -> Tuple[str, ...]:
-        """The id scores this model can give (the representation needs trained centers)."""
-        return tuple(s for s in SCORE_NAMES if self.has_representation or s not in NEEDS_REPRESENTATION)
+        """The id scores this model can give (the representation needs trained centers, the kNN
+        scores a filled bank)."""
+        return tuple(s for s in SCORE_NAMES if (self.has_representation or s not in NEEDS_REPRESENTATION)
+                     and (self.has_bank or s not in NEEDS_KNN))
 
     @property
     def raw_fields(self) -> Tuple[str, ...]:
         """The raw per-box fields of :meth:`box_scores`."""
-        return ("energy", "msp", "rep_score") if self.has_representation else ("energy", "msp")
+        fields = ("energy", "msp", "rep_score") if self.has_representation else ("energy", "msp")
+        return (*fields, "knn") if self.has_bank else fields
 
     # ------------------------------------------------------------ raw scores
     def energy(self, class_logits: torch.Tensor) -> torch.Tensor:
@@ -154,7 +217,7 @@ class OODScorer(nn.Module):
 
     def box_scores(
         self, class_logits: torch.Tensor, embeddings: Optional[torch.Tensor] = None,
-        centers: Optional[torch.Tensor] = None,
+        centers: Optional[torch.Tensor] = None, knn_embeddings: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Raw per-box fields of :attr:`raw_fields`.
@@ -163,14 +226,28 @@ class OODScorer(nn.Module):
             class_logits: (R, K + 1) detectron2 class logits.
             embeddings: (R, E) box embeddings (models with centers only).
             centers: (K, E) class centers (models with centers only).
+            knn_embeddings: (R, E) what the kNN bank holds for each box (see the module docstring);
+                without them, or without a bank, no ``knn`` field.
 
         Returns:
-            {"energy": (R,), "msp": (R,), ["rep_score": (R,)]}.
+            {"energy": (R,), "msp": (R,), ["rep_score": (R,)], ["knn": (R,)]}.
         """
         out = {"energy": self.energy(class_logits), "msp": S.msp(S.foreground_logits(class_logits))}
         if self.has_representation:
             out["rep_score"] = S.rep_score(embeddings, centers)
+        if self.has_bank and knn_embeddings is not None:
+            out["knn"] = self.knn(knn_embeddings)
         return out
+
+    def knn(self, knn_embeddings: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(R, E) embeddings -> (R,) ``-d_k``, the raw knn field (``exclude``: see
+        :func:`~ood_det.modeling.scores.knn_distance`)."""
+        if not self.has_bank:
+            raise ValueError(_no_bank_message("knn"))
+        if self.knn_k >= len(self.knn_bank) + (exclude is None):
+            raise ValueError(f"MODEL.OOD.KNN_K={self.knn_k} needs a kNN bank of more rows than its "
+                             f"{len(self.knn_bank)}; lower MODEL.OOD.KNN_K or calibrate on more validation data")
+        return -S.knn_distance(knn_embeddings, self.knn_bank, self.knn_k, exclude, self.knn_chunk_elements)
 
     # ------------------------------------------------------------ id scores
     def id_score(self, fields: Mapping, score: Optional[str] = None) -> torch.Tensor:
@@ -188,15 +265,30 @@ class OODScorer(nn.Module):
             once calibrated.
         """
         score = self.score_name if score is None else score
-        if score not in self.available_scores:
-            raise ValueError(f"score {score!r} is not available for this model; available: {self.available_scores}")
+        self._check_available(score, fields)
         total = None
         for name in SCORE_TERMS[score]:
             term = self._standardized(fields, name)
             if name == "rep_score" and score == "combined":
                 term = term * self._constants(term)["rep_weight"]
+            elif name == "knn" and score == "knn_energy":
+                term = term * self.knn_weight
             total = term if total is None else total + term
         return total
+
+    def can_score(self, fields: Mapping, score: Optional[str] = None) -> bool:
+        """Whether :meth:`id_score` can score these fields (a kNN score needs the ``knn`` field)."""
+        score = self.score_name if score is None else score
+        return score not in NEEDS_KNN or "knn" in fields
+
+    def _check_available(self, score: str, fields: Mapping) -> None:
+        # A kNN score is available wherever the boxes carry knn: from this scorer's bank, or
+        # from a score file written by a calibrated model.
+        if score in NEEDS_KNN:
+            if "knn" not in fields:
+                raise ValueError(_no_bank_message(score))
+        elif score not in self.available_scores:
+            raise ValueError(f"score {score!r} is not available for this model; available: {self.available_scores}")
 
     def _standardized(self, fields: Mapping, name: str) -> torch.Tensor:
         if name not in fields:
@@ -207,13 +299,13 @@ class OODScorer(nn.Module):
         return (value - constants["mean"][i]) / constants["std"][i]
 
     def _constants(self, like: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The calibration in ``like``'s dtype and device: "mean" and "std" (clamped) (3,) in
+        """The calibration in ``like``'s dtype and device: "mean" and "std" (clamped) (4,) in
         ``RAW_FIELDS`` order, "rep_weight", "id_threshold" and "calibrated". Cast once per change
         of the buffers (their version counters tell), not once per batch of boxes."""
-        buffers = (self.stats, self.rep_weight, self.id_threshold, self.calibrated)
+        buffers = (self.stats, self.knn_stats, self.rep_weight, self.id_threshold, self.calibrated)
         key = (like.dtype, like.device, torch.is_inference_mode_enabled(), *(_version(b) for b in buffers))
         if self._cast_cache is None or self._cast_cache[0] != key:
-            stats = self.stats.to(like)
+            stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)]).to(like)
             self._cast_cache = (key, {
                 "mean": stats[:, 0], "std": stats[:, 1].clamp(min=1e-6), "rep_weight": self.rep_weight.to(like),
                 "id_threshold": self.id_threshold.to(like), "calibrated": self.calibrated.to(like.device)})
@@ -258,7 +350,8 @@ class OODScorer(nn.Module):
                 value = sign * _as_tensor(fields[name]).double()
                 stats[i] = torch.stack([value.mean(), value.std()]).cpu()
         self._cast_cache = None
-        self.stats.copy_(stats)
+        self.stats.copy_(stats[:len(STATS_FIELDS)])
+        self.knn_stats.copy_(stats[len(STATS_FIELDS)])
         self.calibrated.fill_(True)
         if self.fit_rep_weight and self.has_representation and outlier_fields is not None:
             self.rep_weight.fill_(self._fitted_weight(fields, outlier_fields))
@@ -266,6 +359,37 @@ class OODScorer(nn.Module):
         self.id_threshold.fill_(threshold_at_tpr(ids, self.keep_share))
         self.conf_threshold.fill_(float(conf_threshold))
         return self.summary(num_boxes=n)
+
+    @torch.no_grad()
+    def fill_bank(self, embeddings) -> Optional[torch.Tensor]:
+        """
+        Fill the kNN bank with the embeddings of in-distribution VALIDATION boxes (the ones
+        calibration keeps), at most ``knn_bank_size`` of them: a random subset drawn with a fixed
+        seed when there are more, so that every process and every rerun keeps the same rows.
+
+        Args:
+            embeddings: (N, E) the boxes' knn embeddings (tensor or array), normalized here.
+
+        Returns:
+            (N,) the knn field of those boxes, each scored without its own bank row (as an unseen
+            box is); None, with the bank left empty, when ``knn_bank_size`` is 0 or N <= k.
+        """
+        device = self.knn_bank.device
+        emb = F.normalize(_as_tensor(embeddings).to(device=device, dtype=torch.float32), dim=1)
+        self.knn_bank = emb.new_zeros(0, 0)
+        if self.knn_bank_size == 0 or len(emb) <= self.knn_k:
+            if self.score_name in NEEDS_KNN:
+                raise ValueError(f"the {self.score_name} score needs more than MODEL.OOD.KNN_K={self.knn_k} "
+                                 f"calibration boxes, got {len(emb)}; lower MODEL.OOD.KNN_K")
+            if self.knn_bank_size:
+                logger.warning("kNN bank left empty: %d calibration box(es), MODEL.OOD.KNN_K=%d needs more",
+                               len(emb), self.knn_k)
+            return None
+        rows = bank_subset(len(emb), self.knn_bank_size).to(device)
+        self.knn_bank = emb[rows].contiguous()
+        own = torch.full((len(emb),), -1, dtype=torch.long, device=device)
+        own[rows] = torch.arange(len(rows), device=device)
+        return self.knn(emb, exclude=own)
 
     def _fitted_weight(self, id_fields: Mapping, outlier_fields: Mapping) -> float:
         """w = b_rep / b_energy of a class-balanced logistic regression (ID = 1, outlier = 0) on
@@ -291,8 +415,10 @@ class OODScorer(nn.Module):
         out = {"score": self.score_name, "calibrated": calibrated,
                "conf_threshold": float(self.conf_threshold) if calibrated else None,
                "id_threshold": float(self.id_threshold) if calibrated else None,
-               "rep_weight": float(self.rep_weight), "keep_share": self.keep_share}
-        for (name, sign), (mean, std) in zip(RAW_FIELDS.items(), self.stats.tolist()):
+               "rep_weight": float(self.rep_weight), "keep_share": self.keep_share,
+               "knn_k": self.knn_k, "knn_weight": self.knn_weight, "knn_bank_rows": len(self.knn_bank)}
+        rows = [*self.stats.tolist(), self.knn_stats.tolist()]
+        for (name, sign), (mean, std) in zip(RAW_FIELDS.items(), rows):
             key = ("neg_" if sign < 0 else "") + name
             out.update({f"{key}_mean": mean, f"{key}_std": std})
         return {**out, **extra}
@@ -302,7 +428,7 @@ class OODScorer(nn.Module):
         """Device moves apply; dtype casts (``model.half()``) do not: the calibration keeps
         float64, so that the threshold keeps exactly the share of boxes it was fitted to keep."""
         self._cast_cache = None
-        kept = {name: self._buffers.pop(name) for name in FLOAT64_BUFFERS}
+        kept = {name: self._buffers.pop(name) for name in CAST_PROOF_BUFFERS}
         super()._apply(fn, *args, **kwargs)
         device = fn(torch.zeros(0)).device
         self._buffers.update({name: t.to(device) for name, t in kept.items()})
@@ -313,7 +439,32 @@ class OODScorer(nn.Module):
         if _upgrade_old_calibration(state_dict, prefix):
             # Such checkpoints kept w in the config only: keep the configured one.
             state_dict.setdefault(prefix + "rep_weight", self.rep_weight.clone())
+        if any(key.startswith(prefix) for key in state_dict):
+            # A scorer written before the kNN score: no bank, knn left raw. (A file without any
+            # scorer, a backbone, leaves this one as it is.)
+            state_dict.setdefault(prefix + "knn_stats", torch.tensor([0.0, 1.0], dtype=torch.float64))
+            self.resize_knn_bank(tuple(state_dict.setdefault(prefix + "knn_bank", torch.zeros(0, 0)).shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def resize_knn_bank(self, shape: Tuple[int, ...]) -> None:
+        """Make room for a bank of ``shape`` before its rows are loaded: its size is data, not
+        architecture (the number of validation boxes kept)."""
+        if tuple(self.knn_bank.shape) != tuple(shape):
+            self.knn_bank = self.knn_bank.new_zeros(shape)
+
+
+def bank_subset(n: int, size: int) -> torch.Tensor:
+    """Sorted indices of the at most ``size`` of ``n`` rows the kNN bank keeps (a fixed-seed random subset)."""
+    if n <= size:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(KNN_BANK_SEED)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+def _no_bank_message(score: str) -> str:
+    return (f"the {score} score needs each box's knn field, which exists once calibration filled the kNN bank "
+            "with in-distribution validation embeddings: calibrate first (tools/train_net.py --calibrate, "
+            "or ood_det.calibrate), with MODEL.OOD.KNN_BANK_SIZE > 0")
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, l2: float = 1e-4) -> torch.Tensor:

@@ -100,3 +100,55 @@ def rep_score(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         (R,) scores in [-1, 1].
     """
     return cosine_similarities(embeddings, centers).max(dim=-1).values
+
+
+#: The most similarities :func:`knn_distance` holds at once (64 MiB in float32).
+KNN_CHUNK_ELEMENTS = 1 << 24
+
+
+def knn_distance(
+    embeddings: torch.Tensor, bank: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = None,
+    chunk_elements: int = KNN_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """
+    Euclidean distance of each L2-normalized embedding to its k-th nearest bank row (Sun et al.,
+    ICML 2022), by exact search. For unit vectors ``|a - b|^2 = 2 - 2 a.b``: the k-th nearest row
+    is the k-th most similar, so a matrix product and a top-k per block of queries find it, with
+    no (R, N) block larger than ``chunk_elements``.
+
+    Args:
+        embeddings: (R, E) box embeddings, normalized here.
+        bank: (N, E) rows of unit length (normalized once, when the bank is filled).
+        k: which neighbour, 1 <= k <= N (N - 1 with ``exclude``).
+        exclude: optional (R,) long: the bank row each embedding leaves out (its own entry, so that
+            a bank member is scored as an unseen box would be), -1 for none.
+        chunk_elements: bound on the similarities held at once (at least one query's row of N).
+
+    Returns:
+        (R,) distances in [0, 2], in the embeddings' dtype (float32 at least).
+    """
+    queries = F.normalize(_at_least_float32(embeddings), dim=-1)
+    bank = bank.to(queries.dtype)
+    usable = len(bank) - (exclude is not None)
+    if not 1 <= k <= usable:
+        raise ValueError(f"the k-th nearest neighbour needs 1 <= k <= {usable} (bank of {len(bank)} rows), got k={k}")
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"embeddings of size {queries.shape[1]} cannot search a bank of size {bank.shape[1]}")
+    step = max(1, chunk_elements // len(bank))
+    kth = []
+    for start in range(0, len(queries), step):
+        sims = queries[start:start + step] @ bank.t()
+        if exclude is not None:
+            _leave_out(sims, exclude[start:start + step])
+        kth.append(sims.topk(k, dim=1).values[:, -1])
+        del sims  # else the next block is allocated while this one is still held
+    if not kth:
+        return queries.new_zeros(0)
+    return (2.0 - 2.0 * torch.cat(kth)).clamp(min=0.0).sqrt()
+
+
+def _leave_out(sims: torch.Tensor, own: torch.Tensor) -> None:
+    """Set each row's ``own`` column (where >= 0) to -inf, in place, without a device sync."""
+    column = own.clamp(min=0).unsqueeze(1)
+    kept = sims.gather(1, column)
+    sims.scatter_(1, column, torch.where(own.unsqueeze(1) >= 0, torch.full_like(kept, float("-inf")), kept))
