@@ -121,6 +121,10 @@ def add_ood_config(cfg):
     # Fractions of SOLVER.MAX_ITER at which training pauses to calibrate and evaluate, so that a
     # run shows where it converged (OUTPUT_DIR/convergence.json); () = only at the end.
     _C.TEST.CONVERGENCE_POINTS = ()
+    # Images of each test and OOD set evaluated at those points, evenly spaced (0 = every image).
+    # With a subset, the end of training is evaluated on it too (convergence/iter_<MAX_ITER>/), so
+    # that every point is measured on the same images; the final evaluation still sees them all.
+    _C.TEST.CONVERGENCE_IMAGES = 0
 
     # In-distribution validation split(s) on which OOD thresholds are calibrated (never a test set).
     _C.DATASETS.OOD_CALIBRATION = ()

@@ -1,7 +1,12 @@
-"""A detector and an mAP evaluator with fixed outputs, for calibration and evaluation tests."""
+"""A detector and an mAP evaluator with fixed outputs, and a tiny registered split on disk, for
+calibration and evaluation tests."""
+import contextlib
+
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
+from PIL import Image
 from torch import nn
 
 from ood_det.modeling.scorer import OODScorer
@@ -52,3 +57,27 @@ class FixedAP(DatasetEvaluator):
 
     def evaluate(self):
         return {"bbox": {"AP": 50.0, "AP50": 70.0, "AP75": 40.0}}
+
+
+@contextlib.contextmanager
+def tiny_split(folder, name, num_images=2, unreadable=()):
+    """Register ``name``: ``num_images`` 64 px images in ``folder`` (ids ``img<i>``), each with one
+    ground-truth box of class 0 at (10, 10, 30, 30); the images in ``unreadable`` are not PNGs.
+    Removed from the catalogs on exit."""
+    dicts = []
+    for i in range(num_images):
+        path = folder / f"{i}.png"
+        if i in unreadable:
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (64, 64), (i * 40, 90, 20)).save(path)
+        dicts.append({"file_name": str(path), "image_id": f"img{i}", "height": 64, "width": 64,
+                      "annotations": [{"bbox": [10, 10, 30, 30], "bbox_mode": BoxMode.XYXY_ABS,
+                                       "category_id": 0, "iscrowd": 0}]})
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["thing"])
+    try:
+        yield name
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

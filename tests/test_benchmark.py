@@ -20,6 +20,7 @@ from conftest import run_tool
 
 MAX_ITER = 4
 TINY_IMAGES = {"train": 8, "val": 24}  # every other split: 4 images; val: enough boxes to calibrate
+SUBSET = 2  # test and OOD images at the convergence points
 TINY_TRUNK = "['SOLVER.MAX_ITER', '2', 'SOLVER.IMS_PER_BATCH', '2', 'SOLVER.STEPS', '()', 'SOLVER.WARMUP_ITERS', '1']"
 OPTS = [
     "MODEL.OOD.TRUNK.OPTS", TINY_TRUNK,
@@ -402,9 +403,11 @@ def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
     assert plan["config_scores"] == CONFIGURED
     assert plan["regime"] == "trunk" and plan["trunk_config"] == "shapes_trunk.yaml" and plan["num_classes"] == [8]
     assert plan["convergence_points"] == list(runs.CONVERGENCE_POINTS) and 0.75 in plan["convergence_points"]
-    # Quick, trunk regime: the methods' whole schedule (converged), on a trunk of half its own; no points.
+    assert plan["convergence_images"] == runs.CONVERGENCE_IMAGES > 0
+    # Quick, trunk regime: a share of the methods' schedule, on a trunk of a share of its own; no points.
     quick = runs.plan_quality(quick=True)
-    assert quick["seeds"] == [0] and quick["schedule_scale"] == 1.0 and quick["convergence_points"] == []
+    assert quick["seeds"] == [0] and quick["schedule_scale"] == runs.QUICK_METHOD_SCALE < 1
+    assert quick["convergence_points"] == [] and quick["convergence_images"] == 0
     trunk_opts = quick["opts"][quick["opts"].index("MODEL.OOD.TRUNK.OPTS") + 1]
     trunk_iters = load_config("shapes_trunk.yaml").SOLVER.MAX_ITER
     assert f"'SOLVER.MAX_ITER', '{round(trunk_iters * runs.QUICK_TRUNK_SCALE)}'" in trunk_opts
@@ -416,6 +419,8 @@ def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
     assert scratch["regime"] == "scratch" and scratch["schedule_scale"] == pytest.approx(1 / 3)
     with pytest.raises(ConfigError, match="convergence points"):
         runs.plan_quality(convergence_points=[1.0])
+    with pytest.raises(ConfigError, match="--convergence-images"):
+        runs.plan_quality(convergence_images=-1)
 
 
 def test_methods_with_different_trunks_are_refused(tmp_path, monkeypatch):
@@ -513,7 +518,7 @@ def bench(tmp_path_factory, tiny_data):
     out, res_dir = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("results")
     proc = run_tool(
         "benchmark.py", "--quick", "--max-iter", MAX_ITER, "--cost-scale", "tiny", "--threads", 1, "--output", out,
-        "--convergence-points", 0.5,
+        "--convergence-points", 0.5, "--convergence-images", SUBSET,
         "--results-dir", res_dir, "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -526,7 +531,7 @@ def two_seeds(bench, tiny_data):
     out = bench[0]
     proc = run_tool(
         "benchmark.py", "--seeds", 0, 1, "--max-iter", MAX_ITER, "--skip-cost", "--reuse", "--threads", 1,
-        "--convergence-points", 0.5,
+        "--convergence-points", 0.5, "--convergence-images", SUBSET,
         "--output", out, "--opts", *OPTS, env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -675,7 +680,8 @@ def test_committed_benchmark_recomputes_from_its_committed_records(repo_root):
 
 def test_trunk_regime_end_to_end_one_trunk_per_seed_and_a_convergence_record(two_seeds, bench):
     """Every method of a seed starts from that seed's trunk, trained once in the run folder's cache
-    (the second command reuses seed 0's); every run is evaluated half-way and at its end."""
+    (the second command reuses seed 0's); every run is evaluated half-way and at its end, on the
+    same subset of each set, and finally on every image."""
     out, res, _ = two_seeds
     assert res["regime"] == "trunk" and res["num_classes"] == 8
     assert [(t["seed"], t["returncode"], t["reused"]) for t in res["trunks"]] == [(0, 0, True), (1, 0, False)]
@@ -687,8 +693,15 @@ def test_trunk_regime_end_to_end_one_trunk_per_seed_and_a_convergence_record(two
         assert [p["fraction"] for p in run["convergence"]] == [0.5, 1.0]
         assert [p["iter"] for p in run["convergence"]] == [MAX_ITER // 2, MAX_ITER]
         final = run["convergence"][-1]
-        assert final["map"] == run["map"]
         assert all(r["protocol"] == "clean" and r["score"] == CONFIGURED[run["method"]] for r in final["rows"])
+        run_dir = out / run["output_dir"]
+        for n in (MAX_ITER // 2, MAX_ITER):
+            point = run_dir / "convergence" / f"iter_{n}"
+            assert json.loads((point / "ood_results.json").read_text())["max_images"] == SUBSET
+            for name in ("shapes_test", "shapes_ood", "shapes_ood_far"):
+                assert len(np.load(point / f"ood_scores_{name}.npz")["evaluated_images"]) == SUBSET
+        assert json.loads((run_dir / "ood_results.json").read_text())["max_images"] is None
+        assert len(np.load(run_dir / "ood_scores_shapes_test.npz")["evaluated_images"]) == 4
     assert [(p["method"], p["fraction"], p["n_seeds"]) for p in res["convergence"]] == [
         (m, f, 2) for m in runs.METHODS for f in (0.5, 1.0)]
     md = (out / f"{STEM}.md").read_text()

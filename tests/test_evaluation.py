@@ -9,7 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
-from fakes import FixedAP, FixedDetector
+from fakes import FixedAP, FixedDetector, tiny_split
 from PIL import Image
 
 from ood_det.checkpoint import OODCheckpointer
@@ -119,22 +119,8 @@ def test_f1_threshold_without_detections_is_zero():
 @pytest.fixture
 def tiny_val(tmp_path):
     """A 3-image validation split on disk (one ground-truth box each); the third image is unreadable."""
-    name = "calibration_fixture_val"
-    dicts = []
-    for i in range(3):
-        path = tmp_path / f"{i}.png"
-        if i < 2:
-            Image.new("RGB", (64, 64), (i * 40, 90, 20)).save(path)
-        else:
-            path.write_bytes(b"not a png")
-        dicts.append({"file_name": str(path), "image_id": f"img{i}", "height": 64, "width": 64,
-                      "annotations": [{"bbox": [10, 10, 30, 30], "bbox_mode": BoxMode.XYXY_ABS,
-                                       "category_id": 0, "iscrowd": 0}]})
-    DatasetCatalog.register(name, lambda: dicts)
-    MetadataCatalog.get(name).set(thing_classes=["thing"])
-    yield name
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+    with tiny_split(tmp_path, "calibration_fixture_val", num_images=3, unreadable=(2,)) as name:
+        yield name
 
 
 def test_calibration_threshold_tie_and_too_few_boxes(tiny_val, caplog):

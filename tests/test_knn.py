@@ -4,13 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import BoxMode
-from fakes import FixedDetector
-from PIL import Image
+from fakes import FixedDetector, tiny_split
 
 from ood_det.checkpoint import OODCheckpointer
 from ood_det.cli.ood_metrics import compute
@@ -221,18 +218,8 @@ class EmbeddingDetector(FixedDetector):
 
 @pytest.fixture
 def two_image_val(tmp_path):
-    name = "knn_calibration_val"
-    dicts = []
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 40, 90, 20)).save(tmp_path / f"{i}.png")
-        dicts.append({"file_name": str(tmp_path / f"{i}.png"), "image_id": f"img{i}", "height": 64, "width": 64,
-                      "annotations": [{"bbox": [10, 10, 30, 30], "bbox_mode": BoxMode.XYXY_ABS,
-                                       "category_id": 0, "iscrowd": 0}]})
-    DatasetCatalog.register(name, lambda: dicts)
-    MetadataCatalog.get(name).set(thing_classes=["thing"])
-    yield name
-    DatasetCatalog.remove(name)
-    MetadataCatalog.remove(name)
+    with tiny_split(tmp_path, "knn_calibration_val", num_images=2) as name:
+        yield name
 
 
 KEPT = [[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]]

@@ -48,11 +48,16 @@ def build_parser():
                    "benchmark, else --output)")
     p.add_argument("--device", default="cpu", help="torch device for training, evaluation and cost (default: cpu)")
     p.add_argument("--quick", action="store_true",
-                   help=f"one seed; methods on their whole schedule, from a trunk trained {B.QUICK_TRUNK_SCALE:.2g} "
-                   f"of its own (without a trunk: the schedule scaled by {B.QUICK_SCALE:.3g}); no convergence points")
+                   help=f"one seed, about 10 minutes on 2 CPU cores: the methods' schedule scaled by "
+                   f"{B.QUICK_METHOD_SCALE:.2g}, on a trunk trained {B.QUICK_TRUNK_SCALE:.2g} of its own (without a "
+                   f"trunk: the schedule scaled by {B.QUICK_SCALE:.3g}); no convergence points. A check that "
+                   "everything runs, not a converged comparison")
     p.add_argument("--convergence-points", type=float, nargs="*", default=None,
                    help="fractions of the schedule at which each run is also evaluated (default: "
                    f"{' '.join(map(str, B.CONVERGENCE_POINTS))}; none with --quick)")
+    p.add_argument("--convergence-images", type=int, default=None,
+                   help="images of each test and OOD set evaluated at those points and again at the end, so that "
+                   f"the points compare (default: {B.CONVERGENCE_IMAGES}; 0: every image)")
     p.add_argument("--trunk-cache", default=None,
                    help="folder of the trained trunks, shared by every run that names it (default: <output>/trunks)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(B.DEFAULT_SEEDS),
@@ -106,7 +111,7 @@ def plan(args):
         config_prefix=args.config_prefix, config_suffix=args.config_suffix, schedule_scale=args.schedule_scale,
         max_iter=args.max_iter, device=args.device, threads=args.threads, jobs=args.jobs,
         trunk_cache=None if args.trunk_cache is None else str(Path(args.trunk_cache).resolve()),
-        convergence_points=args.convergence_points)
+        convergence_points=args.convergence_points, convergence_images=args.convergence_images)
 
 
 def cost_overrides(args):

@@ -19,9 +19,11 @@ from .report import (
     write_results,
 )
 from .runs import (
+    CONVERGENCE_IMAGES,
     CONVERGENCE_POINTS,
     DEFAULT_SEEDS,
     METHODS,
+    QUICK_METHOD_SCALE,
     QUICK_SCALE,
     QUICK_TRUNK_SCALE,
     VALIDATION_OPTS,
@@ -34,7 +36,8 @@ from .runs import (
 from .stats import aggregate, comparisons, t_interval, t_quantile
 
 __all__ = [
-    "CONVERGENCE_POINTS", "COST_PRESETS", "DEFAULT_SEEDS", "METHODS", "QUICK_SCALE", "QUICK_TRUNK_SCALE",
+    "CONVERGENCE_IMAGES", "CONVERGENCE_POINTS", "COST_PRESETS", "DEFAULT_SEEDS", "METHODS", "QUICK_METHOD_SCALE",
+    "QUICK_SCALE", "QUICK_TRUNK_SCALE",
     "VALIDATION_OPTS",
     "add_quality", "aggregate", "collect_records", "comparisons", "cost_settings", "failed_runs", "file_names",
     "finish_result", "markdown",

@@ -30,9 +30,11 @@ METHODS = ("vanilla", "vos", "energy_cfl")
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 #: --quick without a trunk (the from-scratch configs) trains a third of the schedule (one seed).
 QUICK_SCALE = 1.0 / 3.0
-#: --quick in the trunk regime: the methods train their whole schedule (a quick run must compare
-#: converged models) on a trunk trained for this share of its own.
-QUICK_TRUNK_SCALE = 0.5
+#: --quick in the trunk regime (about 10 minutes on 2 CPU cores): the methods train this share of
+#: their schedule, on a trunk trained for QUICK_TRUNK_SCALE of its own. A check that everything runs
+#: end to end, not a converged comparison: that is the full benchmark's.
+QUICK_METHOD_SCALE = 0.5
+QUICK_TRUNK_SCALE = 0.25
 SCHEDULE_KEYS = ("SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "MODEL.OOD.START_ITER")
 # --validation: hyper-parameters are chosen on these, never on the test splits
 # (shapes_val stays the calibration split).
@@ -41,6 +43,9 @@ RUN_META = "benchmark_run.json"
 #: Where in its schedule each run is also evaluated (fractions; the end is the final evaluation):
 #: the convergence record shows that the methods are compared converged.
 CONVERGENCE_POINTS = (0.25, 0.5, 0.75)
+#: Images of each test and OOD set evaluated at those points (and once more at the end, so that
+#: every point sees the same ones); the final evaluation of each run sees every image.
+CONVERGENCE_IMAGES = 200
 TRUNK_LOG = "trunk_seed{seed}.log"
 
 
@@ -97,7 +102,9 @@ def _scale(schedule, quick, schedule_scale, max_iter, trunk=None):
         return max_iter / schedule["SOLVER.MAX_ITER"]
     if schedule_scale is not None:
         return schedule_scale
-    return QUICK_SCALE if quick and not trunk else 1.0
+    if not quick:
+        return 1.0
+    return QUICK_METHOD_SCALE if trunk else QUICK_SCALE
 
 
 def quick_trunk_opts(trunk_config, opts):
@@ -120,7 +127,8 @@ def default_jobs(device="cpu", cpus=None):
 
 def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validation=False, opts=(),
                  config_prefix="shapes_", config_suffix="", schedule_scale=None, max_iter=None,
-                 device="cpu", threads=None, jobs=None, trunk_cache=None, convergence_points=None):
+                 device="cpu", threads=None, jobs=None, trunk_cache=None, convergence_points=None,
+                 convergence_images=None):
     """Configs, schedule and seeds of the quality part, as a JSON-able dict.
 
     Refuses methods whose configs train on different schedules: their numbers would not compare.
@@ -132,7 +140,8 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     (None: :func:`default_jobs`). Methods whose configs name a trunk (``MODEL.OOD.TRUNK.CONFIG``)
     must share it; ``trunk_cache`` is where the trunks are kept (None: ``<output>/trunks``). Each run
     is also evaluated at ``convergence_points`` of its schedule (None: :data:`CONVERGENCE_POINTS`,
-    none for a quick run).
+    none for a quick run), on ``convergence_images`` images of each set (None:
+    :data:`CONVERGENCE_IMAGES`; 0: every image).
     """
     jobs = default_jobs(device) if jobs is None else jobs
     if jobs < 1:
@@ -164,6 +173,9 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     points = sorted({float(p) for p in convergence_points})
     if any(not 0 < p < 1 for p in points):
         raise ConfigError(f"convergence points must be fractions of the schedule in (0, 1), got {points}")
+    images = CONVERGENCE_IMAGES if convergence_images is None else int(convergence_images)
+    if images < 0:
+        raise ConfigError(f"--convergence-images must be >= 0 (0: every image), got {images}")
     return {
         "quick": quick, "validation": validation, "methods": list(configs), "configs": configs,
         "seeds": list(seeds)[:1] if quick else list(seeds),
@@ -176,6 +188,7 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
         "trunk_parts": list(load_config(next(iter(configs.values())), opts).MODEL.OOD.TRUNK.PARTS) if trunk else [],
         "num_classes": sorted({i[5] for i in info.values()}),
         "convergence_points": points,
+        "convergence_images": images if points else 0,
     }
 
 
@@ -240,7 +253,8 @@ def run_opts(plan, out_root, seed):
     if plan.get("trunk_config"):
         opts += ["MODEL.OOD.TRUNK.CACHE_DIR", str(trunk_cache(plan, out_root))]
     if plan.get("convergence_points"):
-        opts += ["TEST.CONVERGENCE_POINTS", str(tuple(plan["convergence_points"]))]
+        opts += ["TEST.CONVERGENCE_POINTS", str(tuple(plan["convergence_points"])),
+                 "TEST.CONVERGENCE_IMAGES", str(plan.get("convergence_images", 0))]
     return opts
 
 
@@ -261,10 +275,10 @@ def trunk_run(seed, plan, out_root):
     threads = None if len(plan["seeds"]) == 1 else plan["threads"]
     returncode = _run_logged([sys.executable, str(_train_net()), *args, "OUTPUT_DIR",
                               str(Path(out_root).resolve() / "runs" / "trunk" / f"seed{seed}")], log_path, threads)
-    record.update(wall_time_s=round(time.perf_counter() - start, 2), returncode=returncode,
-                  reused="reusing" in log_path.read_text(errors="replace"))
+    log = log_path.read_text(errors="replace")
+    record.update(wall_time_s=round(time.perf_counter() - start, 2), returncode=returncode, reused="reusing" in log)
     if returncode != 0:
-        record["error"] = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        record["error"] = "\n".join(log.splitlines()[-20:])
         print(f"[benchmark] trunk seed {seed} FAILED (exit {returncode}); see {log_path}", file=sys.stderr)
     else:
         print(f"[benchmark] trunk seed {seed}: {record['wall_time_s']:.1f} s", flush=True)

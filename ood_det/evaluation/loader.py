@@ -10,7 +10,7 @@ results file can say which images were left out and why.
 import itertools
 import logging
 
-from detectron2.data import build_detection_test_loader
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils import comm
 
@@ -51,21 +51,35 @@ class SkipUnreadable:
             yield batch
 
 
-def build_eval_loader(cfg, dataset_name: str) -> SkipUnreadable:
+def evenly_spaced(items, max_items):
+    """At most ``max_items`` of ``items``, spread evenly over them, in order (all when
+    ``max_items`` is None or 0, or when there are no more)."""
+    n = len(items)
+    if not max_items or n <= max_items:
+        return list(items)
+    return [items[(i * n) // max_items] for i in range(max_items)]
+
+
+def build_eval_loader(cfg, dataset_name: str, max_images=None) -> SkipUnreadable:
     """detectron2's test loader of ``dataset_name`` that skips the images it cannot use and batches
-    ``TEST.IMS_PER_BATCH`` images per forward pass."""
+    ``TEST.IMS_PER_BATCH`` images per forward pass; over an evenly spaced subset of at most
+    ``max_images`` of its images when that is given."""
     mapper = EvalDatasetMapper(cfg, False, dataset_name=dataset_name)
-    loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+    if max_images:
+        dicts = evenly_spaced(get_detection_dataset_dicts([dataset_name], filter_empty=False), max_images)
+        loader = build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+    else:
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
     return SkipUnreadable(loader, dataset_name, cfg.TEST.IMS_PER_BATCH)
 
 
-def run_inference(cfg, model, dataset_name: str, evaluator):
-    """``inference_on_dataset`` over :func:`build_eval_loader`.
+def run_inference(cfg, model, dataset_name: str, evaluator, max_images=None):
+    """``inference_on_dataset`` over :func:`build_eval_loader` (of at most ``max_images`` images).
 
     Returns:
         (the evaluator's results, [(file name, problem)] of the images left out, all processes).
     """
-    loader = build_eval_loader(cfg, dataset_name)
+    loader = build_eval_loader(cfg, dataset_name, max_images)
     results = inference_on_dataset(model, loader, evaluator)
     skipped = list(itertools.chain(*comm.all_gather(loader.skipped)))
     if skipped:

@@ -157,12 +157,14 @@ def _add_openset(rows, scorer, id_name, decided, objects, conf_threshold):
                                        decided[id_name], objects[id_name]))
 
 
-def evaluate_ood(cfg, model, build_evaluator):
+def evaluate_ood(cfg, model, build_evaluator, max_images=None):
     """
     Evaluate ``model``: COCO mAP on DATASETS.TEST and OOD metrics on DATASETS.OOD_TEST.
 
     Args:
         build_evaluator: ``(cfg, dataset_name) -> DatasetEvaluator`` for mAP (the Trainer's).
+        max_images: evaluate on an evenly spaced subset of at most this many images of each set
+            (None: every image); the mAP then counts those images only.
 
     Returns:
         OrderedDict of nested floats: ``{test_set: {"bbox": {...}}, "ood": {set: {protocol: {score: metrics}}}}``.
@@ -180,13 +182,13 @@ def evaluate_ood(cfg, model, build_evaluator):
     results, boxes, image_ids, unreadable = OrderedDict(), {}, {}, {}
     for name in cfg.DATASETS.TEST:
         evaluator = DatasetEvaluators([build_evaluator(cfg, name), OODEvaluator(name)])
-        res, unreadable[name] = run_inference(cfg, model, name, evaluator)
+        res, unreadable[name] = run_inference(cfg, model, name, evaluator, max_images)
         boxes[name], image_ids[name] = res.pop("ood_boxes"), res.pop("image_ids")
         results[name] = res
         if comm.is_main_process():
             print_csv_format(res)
     for name in cfg.DATASETS.OOD_TEST:
-        res, unreadable[name] = run_inference(cfg, model, name, OODEvaluator(name))
+        res, unreadable[name] = run_inference(cfg, model, name, OODEvaluator(name), max_images)
         boxes[name], image_ids[name] = res["ood_boxes"], res["image_ids"]
 
     num_classes = find_box_predictor(model).num_classes
@@ -211,11 +213,13 @@ def evaluate_ood(cfg, model, build_evaluator):
                               lambda arrays, score: _id_scores(scorer, arrays, score),
                               scorer.summary(available_scores=list(scorer.available_scores)))
         diagnostics = energy_diagnostics(model, id_name, cfg.DATASETS.OOD_TEST, boxes, thresholds["clean"])
-        _report(cfg, scorer, id_name, results, rows, decided, thresholds, unreadable, image_ids, record, diagnostics)
+        _report(cfg, scorer, id_name, results, rows, decided, thresholds, unreadable, image_ids, record, diagnostics,
+                max_images)
     return results
 
 
-def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, image_ids, record, diagnostics):
+def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, image_ids, record, diagnostics,
+            max_images=None):
     out = cfg.OUTPUT_DIR
     os.makedirs(out, exist_ok=True)
     for name, arrays in boxes.items():
@@ -233,6 +237,7 @@ def _report(cfg, scorer, id_name, results, rows, boxes, thresholds, unreadable, 
         "record_file": RECORD_FILE,
         "unreadable_images": {name: skipped_record(bad) for name, bad in unreadable.items()},
         "diagnostics": diagnostics,
+        "max_images": max_images or None,
     }
     save_record(os.path.join(out, RECORD_FILE), record)
     path = os.path.join(out, RESULTS_FILE)
