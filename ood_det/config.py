@@ -82,6 +82,19 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.NUM_CANDIDATES = 10000
     # S: outliers kept per class and iteration (VOS: 1).
     _C.MODEL.OOD.NUM_SAMPLES = 1
+    # How virtual outliers are drawn from the class queues: "gaussian" (VOS: the least likely of
+    # NUM_CANDIDATES draws of class Gaussians with a shared covariance) or "npos" (NPOS, Tao et al.
+    # 2023: noise around each class's boundary features, kept by their k-NN distance to the class).
+    _C.MODEL.OOD.SYNTHESIS = "gaussian"
+    # npos: k of the k-th nearest neighbour distance (below QUEUE_SIZE).
+    _C.MODEL.OOD.NPOS_K = 20
+    # npos: boundary features per class (those of largest k-NN distance in the class queue).
+    _C.MODEL.OOD.NPOS_BOUNDARY = 30
+    # npos: candidates drawn around each boundary feature (NUM_SAMPLES of all of them are kept).
+    _C.MODEL.OOD.NPOS_PER_POINT = 20
+    # npos: noise standard deviation per dimension, in units of the classes' root-mean-square
+    # within-class standard deviation.
+    _C.MODEL.OOD.NPOS_NOISE = 1.0
     # Where virtual outliers live: "gaussian" (VOS: samples of the class Gaussians as drawn) or
     # "relu" (clipped at 0, inside the support of the box head's post-ReLU features).
     _C.MODEL.OOD.OUTLIER_SUPPORT = "gaussian"

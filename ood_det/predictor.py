@@ -33,8 +33,9 @@ from .errors import ConfigError, one_line
 logger = logging.getLogger(__name__)
 
 #: Fields of every predicted box, besides detectron2's pred_boxes / scores / pred_classes
-#: (``rep_score`` only for models trained with class centers).
-OOD_FIELDS = ("energy", "msp", "rep_score", "ood_score", "is_ood")
+#: (``rep_score`` only for models trained with class centers, ``knn`` only for a model calibrated
+#: with a kNN score: ``-d_k``, higher = more in-distribution).
+OOD_FIELDS = ("energy", "msp", "rep_score", "knn", "ood_score", "is_ood")
 
 
 class OODPredictor:

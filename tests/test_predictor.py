@@ -26,8 +26,8 @@ from ood_det.data.synthetic import ensure_split
 from conftest import run_tool
 
 CONFIG = "shapes_energy_cfl.yaml"
-KEYS = {"image", "pred_boxes", "pred_classes", "class_name", "scores", "energy", "msp", "rep_score", "ood_score",
-        "is_ood"}
+KEYS = {"image", "pred_boxes", "pred_classes", "class_name", "scores", "energy", "msp", "rep_score", "knn",
+        "ood_score", "is_ood"}
 FIELDS = ("scores", "pred_classes", "energy", "msp", "rep_score", "ood_score", "is_ood")
 
 
@@ -222,6 +222,7 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
         assert np.allclose([r["pred_boxes"] for r in mine], expected.pred_boxes.tensor.tolist(), atol=0.01)
     for row in rows:
         assert set(row) == KEYS
+        assert row["knn"] is None  # calibrated without a kNN score: no bank, no field
         assert row["class_name"] == predictor.class_names[row["pred_classes"]]
         x0, y0, x1, y1 = row["pred_boxes"]
         assert 0 <= x0 <= x1 <= 128 and 0 <= y0 <= y1 <= 128

@@ -86,8 +86,9 @@ def test_training_returns_five_finite_losses_and_backward_works():
     assert heads.box_predictor.centers.grad is not None
 
 
-def test_outlier_losses_are_zero_but_in_graph_until_synthesis_starts():
-    cfg = _cfg(START_ITER=3)
+@pytest.mark.parametrize("synthesis", ["gaussian", "npos"])
+def test_outlier_losses_are_zero_but_in_graph_until_synthesis_starts(synthesis):
+    cfg = _cfg(START_ITER=3, SYNTHESIS=synthesis, NPOS_K=2, NPOS_BOUNDARY=2, NPOS_PER_POINT=3)
     features, shapes, proposals, targets = _inputs()
     heads = _build(cfg, shapes)
     losses = _train_step(heads, features, proposals, targets, 0)

@@ -34,7 +34,7 @@ FAST = [
     "DATASETS.OOD_TEST", "('tiny_ood', 'tiny_ood_far')",
 ]
 RESULT_KEYS = {"id_test_set", "map", "calibration", "conf_thresholds", "rows", "plots", "score_files",
-               "record_file", "unreadable_images", "diagnostics"}
+               "record_file", "unreadable_images", "diagnostics", "max_images"}
 ROW_KEYS = {"ood_set", "protocol", "score", "conf_threshold", "fpr95", "auroc", "aupr_in", "aupr_out", "num_id",
             "num_ood"}
 SCORES = ("energy", "msp", "representation", "combined")
@@ -84,6 +84,7 @@ def test_results_json_table_and_plots(trained):
             assert row["protocol"] == "published" and 0 in (row["num_id"], row["num_ood"])
         else:
             assert 0 <= row["fpr95"] <= 1 and 0 <= row["auroc"] <= 1
+    assert results["max_images"] is None  # every image of each set
     assert results["unreadable_images"] == {n: {"count": 0, "files": []} for n in ("tiny_test", "tiny_ood",
                                                                                    "tiny_ood_far")}
     for files in results["plots"].values():

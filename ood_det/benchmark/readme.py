@@ -139,12 +139,17 @@ def section(result):
         *paired(result), "",
     ]
     if result.get("convergence"):
-        lines += ["Convergence (mean over seeds at points of each method's schedule):", "",
+        lines += ["Convergence (mean over seeds at points of each method's schedule" + _subset(plan) + "):", "",
                   *convergence_table(result), ""]
     if any(r.get("unknown_recall_mean") is not None for r in result["rows"]):
         lines += ["What becomes of the unknown objects (shares of each OOD set's objects in %; AOSE in objects):",
                   "", *unknowns(result), ""]
     return lines
+
+
+def _subset(plan):
+    n = plan.get("convergence_images")
+    return f"; every point, 100% included, on the same {n} images of each set" if n else ""
 
 
 def block(result):

@@ -134,7 +134,10 @@ def _convergence_lines(result):
               "far_fpr95": _pm(p.get("far_fpr95_mean"), p.get("far_fpr95_std")), "seeds": str(p["n_seeds"])}
              for p in points]
     gaps = convergence_gaps(points)
-    lines = ["### Convergence (configured score, clean protocol; mean ± sd over seeds)", "",
+    images = result.get("settings", {}).get("quality", {}).get("convergence_images")
+    lines = ["### Convergence (configured score, clean protocol; mean ± sd over seeds"
+             + (f"; every point, the end included, on the same {images} images of each test and OOD set, "
+                "so the end differs from the full evaluation above" if images else "") + ")", "",
              format_metrics_table(table, percent=(), titles={"ap": "AP", "near_fpr95": "near FPR95 (%)",
                                                                "far_fpr95": "far FPR95 (%)"}), ""]
     if gaps:

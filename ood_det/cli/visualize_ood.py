@@ -35,7 +35,8 @@ Outputs (in ``--output``)
   path), ``pred_boxes`` (XYXY, in the input's pixels whatever the picture's
   size), ``pred_classes`` (index) and ``class_name``, ``scores`` (detection
   confidence), ``energy``, ``msp``, ``rep_score`` (null for models without
-  class centers), ``ood_score`` (higher = more OOD) and ``is_ood``. An image
+  class centers), ``knn`` (null unless the model was calibrated with a kNN
+  score), ``ood_score`` (higher = more OOD) and ``is_ood``. An image
   without boxes has no line.
 
 ``--min-confidence`` defaults to the detection-confidence threshold stored
@@ -84,7 +85,7 @@ from ood_det.utils import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 #: Per-box values written to predictions.jsonl, named as the fields of the model's Instances.
-SCORE_FIELDS = ("scores", "energy", "msp", "rep_score", "ood_score")
+SCORE_FIELDS = ("scores", "energy", "msp", "rep_score", "knn", "ood_score")
 JSON_KEYS = ("image", "pred_boxes", "pred_classes", "class_name", *SCORE_FIELDS, "is_ood")
 PREDICTIONS = "predictions.jsonl"
 DEFAULT_MAX_PIXELS = 50_000_000

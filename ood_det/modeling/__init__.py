@@ -6,7 +6,14 @@ from their own module (``ood_det.modeling.roi_heads``).
 from .losses import EnergyLogistic, cfl_loss, energy_loss_logistic, energy_loss_margin, rep_outlier_loss
 from .scorer import KEEP_SHARE, SCORE_NAMES, OODScorer
 from .scores import cosine_similarities, energy, foreground_logits, msp, rep_score
-from .synthesizer import VirtualOutlierSynthesizer, brute_force_sample, chi2_isf, top_chi_radii
+from .synthesizer import (
+    NonParametricOutlierSynthesizer,
+    VirtualOutlierSynthesizer,
+    brute_force_sample,
+    build_synthesizer,
+    chi2_isf,
+    top_chi_radii,
+)
 
 __all__ = [
     "EnergyLogistic",
@@ -23,6 +30,8 @@ __all__ = [
     "msp",
     "rep_score",
     "VirtualOutlierSynthesizer",
+    "NonParametricOutlierSynthesizer",
+    "build_synthesizer",
     "brute_force_sample",
     "chi2_isf",
     "top_chi_radii",

@@ -37,7 +37,7 @@ from torch import nn
 from .losses import EnergyLogistic, cfl_loss, energy_loss_logistic, energy_loss_margin, rep_outlier_loss
 from .scorer import KNN_EMBEDDING, OODScorer
 from .scores import energy, foreground_logits
-from .synthesizer import VirtualOutlierSynthesizer, host_to_device
+from .synthesizer import VirtualOutlierSynthesizer, build_synthesizer, host_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             outlier_support=ood.OUTLIER_SUPPORT,
         )
         if ood.MODE != "vanilla":
-            ret["synthesizer"] = VirtualOutlierSynthesizer(
+            ret["synthesizer"] = build_synthesizer(
                 cfg, input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
             )
         return ret

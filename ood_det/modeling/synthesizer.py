@@ -331,7 +331,8 @@ class VirtualOutlierSynthesizer(nn.Module):
         self.register_buffer("_sum", torch.zeros(num_classes, feature_dim, dtype=f64), persistent=False)
         self.register_buffer("_outer", torch.zeros(feature_dim, feature_dim, dtype=f64), persistent=False)
         self._stats_stale = False
-        self._gaussian_cache = None  # (means, Cholesky factor), refitted every refit_period writes
+        # What sampling fits to the queues (here: means, Cholesky factor), refitted every refit_period writes.
+        self._fit_cache = None
         self._writes_since_fit = 0
         self._host = None  # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed
         self._announced = set()  # status lines already logged: "waiting", "started"
@@ -443,12 +444,12 @@ class VirtualOutlierSynthesizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._stats_stale = True
-        self._gaussian_cache = None
+        self._fit_cache = None
         self._host = None
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self._gaussian_cache = None
+        self._fit_cache = None
         self._host = None
         if self._sum.dtype != torch.float64:  # e.g. .half(): rebuild the sums in float64
             self._sum, self._outer = self._sum.double(), self._outer.double()
@@ -501,7 +502,7 @@ class VirtualOutlierSynthesizer(nn.Module):
 
     def _gaussian(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K, D) means and (D, D) Cholesky factor of the covariance, refitted every refit_period writes."""
-        if self._gaussian_cache is None or self._writes_since_fit >= self.refit_period:
+        if self._refit_due():
             means = self.class_means()
             factor, info = torch.linalg.cholesky_ex(self._covariance(means))
             if int(info) != 0:  # the one wait for the device per refit
@@ -509,9 +510,12 @@ class VirtualOutlierSynthesizer(nn.Module):
                     "the shared feature covariance is not positive definite: the box features are "
                     "degenerate or training is diverging; lower SOLVER.BASE_LR, or raise MODEL.OOD.COV_EPS "
                     f"(now {self.cov_eps})")
-            self._gaussian_cache = (means, factor)
+            self._fit_cache = (means, factor)
             self._writes_since_fit = 0
-        return self._gaussian_cache
+        return self._fit_cache
+
+    def _refit_due(self) -> bool:
+        return self._fit_cache is None or self._writes_since_fit >= self.refit_period
 
     # ---- sampling ----
     @torch.no_grad()
@@ -590,3 +594,115 @@ def _rank_within_class(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     rank = torch.empty_like(labels)
     rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
     return rank
+
+
+SYNTHESES = ("gaussian", "npos")
+
+
+class NonParametricOutlierSynthesizer(VirtualOutlierSynthesizer):
+    """
+    NPOS (Tao et al., ICLR 2023) on the same class queues: outliers without a Gaussian.
+
+    Per class k, with d_k(x) the distance from x to its k-th nearest feature of class k's queue
+    (a queued feature does not count itself):
+
+    1. **boundary**: the B queued features of largest d_k (the class's sparsest edge);
+    2. **candidates**: around each of them, M draws ``x_b + sigma * s * e``, e ~ N(0, I_D), where s is
+       the root-mean-square within-class standard deviation (``sqrt(trace(Sigma) / D)`` of the
+       pooled covariance VOS fits) and sigma is ``noise``;
+    3. **rejection**: the S candidates of largest d_k, the least likely under the class's
+       k-nearest-neighbour density, are the outliers.
+
+    Distances are Euclidean on the box-head features themselves (the space the classifier reads),
+    not on normalized embeddings as in NPOS's classification setting. The boundary and s are
+    refitted every ``refit_period`` writes, as the Gaussian is; candidates are drawn and rejected
+    at every call. Cost per call: O(K (B M) Q D) for the candidates' distances, plus O(K Q^2 D) per refit.
+
+    Args (besides :class:`VirtualOutlierSynthesizer`'s; ``num_candidates`` is not used):
+        knn_k: k (``MODEL.OOD.NPOS_K``), below ``queue_size``.
+        boundary: B (``MODEL.OOD.NPOS_BOUNDARY``), at most ``queue_size``.
+        per_point: M (``MODEL.OOD.NPOS_PER_POINT``); ``num_samples`` must be at most B * M.
+        noise: sigma (``MODEL.OOD.NPOS_NOISE``), > 0.
+    """
+
+    @configurable
+    def __init__(self, num_classes: int, feature_dim: int, *, queue_size: int, start_iter: int,
+                 num_samples: int = 1, knn_k: int = 20, boundary: int = 30, per_point: int = 20,
+                 noise: float = 1.0, **kwargs):
+        kwargs.setdefault("num_candidates", max(num_samples, boundary * per_point))
+        super().__init__(num_classes, feature_dim, queue_size=queue_size, start_iter=start_iter,
+                         num_samples=num_samples, **kwargs)
+        _require(1 <= knn_k < queue_size, "MODEL.OOD.NPOS_K", knn_k, f"in [1, MODEL.OOD.QUEUE_SIZE={queue_size})")
+        _require(1 <= boundary <= queue_size, "MODEL.OOD.NPOS_BOUNDARY", boundary,
+                 f"in [1, MODEL.OOD.QUEUE_SIZE={queue_size}]")
+        _require(per_point >= 1, "MODEL.OOD.NPOS_PER_POINT", per_point, ">= 1")
+        _require(num_samples <= boundary * per_point, "MODEL.OOD.NUM_SAMPLES", num_samples,
+                 f"at most MODEL.OOD.NPOS_BOUNDARY x MODEL.OOD.NPOS_PER_POINT = {boundary * per_point}")
+        _require(noise > 0, "MODEL.OOD.NPOS_NOISE", noise, "> 0")
+        self.knn_k, self.boundary, self.per_point, self.noise = knn_k, boundary, per_point, noise
+
+    @classmethod
+    def from_config(cls, cfg, feature_dim: int):
+        ood = cfg.MODEL.OOD
+        ret = super().from_config(cfg, feature_dim)
+        ret.update(knn_k=ood.NPOS_K, boundary=ood.NPOS_BOUNDARY, per_point=ood.NPOS_PER_POINT, noise=ood.NPOS_NOISE)
+        return ret
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", synthesis=npos, knn_k={self.knn_k}, boundary={self.boundary}, "
+                f"per_point={self.per_point}, noise={self.noise}")
+
+    def _features(self) -> torch.Tensor:
+        """(K, Q, D) queued features in at least float32 (distances of half-precision features lose digits)."""
+        return self.queue.float() if self.queue.dtype in (torch.float16, torch.bfloat16) else self.queue
+
+    def _boundary(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K, B, D) boundary features of each class and the noise scale s (0-d), refitted every refit_period writes."""
+        if self._refit_due():
+            queue = self._features()
+            # the (k+1)-th smallest distance of a queued feature: the first is its distance to itself
+            own = torch.cdist(queue, queue).kthvalue(self.knn_k + 1, dim=-1).values  # (K, Q)
+            index = own.topk(self.boundary, dim=-1).indices  # (K, B)
+            points = queue.gather(1, index[..., None].expand(-1, -1, self.feature_dim))
+            scale = (self.covariance().diagonal().sum() / self.feature_dim).sqrt().to(queue.dtype)
+            self._fit_cache = (points, scale)
+            self._writes_since_fit = 0
+        return self._fit_cache
+
+    def knn_distances(self, points: torch.Tensor) -> torch.Tensor:
+        """(K, P, D) points of each class -> (K, P) distances to their k-th nearest feature of that
+        class's queue."""
+        return torch.cdist(points, self._features()).kthvalue(self.knn_k, dim=-1).values
+
+    @torch.no_grad()
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Draw S outliers per class by the NPOS rule (class docstring). Needs every queue full.
+
+        Args:
+            generator: RNG of the noise if it is on the queue's device; else the global RNG.
+
+        Returns:
+            (K*S, D) outlier features (queue dtype, class by class, least likely first)
+            and (K*S,) int64 class ids.
+        """
+        if not self.is_full():
+            raise RuntimeError("NonParametricOutlierSynthesizer.sample needs every class queue full")
+        K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
+        points, scale = self._boundary()
+        on_device = generator is not None and generator.device == torch.device(device)
+        noise = torch.randn(K, self.boundary, self.per_point, D, generator=generator if on_device else None,
+                            device=device, dtype=points.dtype)
+        candidates = (points[:, :, None, :] + (self.noise * scale) * noise).flatten(1, 2)  # (K, B*M, D)
+        index = self.knn_distances(candidates).topk(S, dim=-1).indices  # (K, S), farthest first
+        outliers = candidates.gather(1, index[..., None].expand(-1, -1, D))
+        labels = torch.arange(K * S, device=device).div_(S, rounding_mode="floor")
+        return outliers.reshape(K * S, D).to(self.queue.dtype), labels
+
+
+def build_synthesizer(cfg, feature_dim: int) -> VirtualOutlierSynthesizer:
+    """The synthesizer ``MODEL.OOD.SYNTHESIS`` names: "gaussian" (VOS) or "npos"."""
+    kind = cfg.MODEL.OOD.SYNTHESIS
+    _require(kind in SYNTHESES, "MODEL.OOD.SYNTHESIS", repr(kind), f"one of {SYNTHESES}")
+    cls = NonParametricOutlierSynthesizer if kind == "npos" else VirtualOutlierSynthesizer
+    return cls(cfg, feature_dim)
