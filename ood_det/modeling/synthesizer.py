@@ -502,20 +502,35 @@ class VirtualOutlierSynthesizer(nn.Module):
 
     def _gaussian(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K, D) means and (D, D) Cholesky factor of the covariance, refitted every refit_period writes."""
-        if self._refit_due():
-            means = self.class_means()
-            factor, info = torch.linalg.cholesky_ex(self._covariance(means))
-            if int(info) != 0:  # the one wait for the device per refit
-                raise RuntimeError(
-                    "the shared feature covariance is not positive definite: the box features are "
-                    "degenerate or training is diverging; lower SOLVER.BASE_LR, or raise MODEL.OOD.COV_EPS "
-                    f"(now {self.cov_eps})")
-            self._fit_cache = (means, factor)
+        return self._fitted(self._fit_gaussian)
+
+    def _fit_gaussian(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        means = self.class_means()
+        factor, info = torch.linalg.cholesky_ex(self._covariance(means))
+        if int(info) != 0:  # the one wait for the device per refit
+            raise RuntimeError(
+                "the shared feature covariance is not positive definite: the box features are "
+                "degenerate or training is diverging; lower SOLVER.BASE_LR, or raise MODEL.OOD.COV_EPS "
+                f"(now {self.cov_eps})")
+        return means, factor
+
+    def _fitted(self, fit):
+        """What ``fit()`` fits to the queues, cached and refitted every refit_period writes (and
+        whenever none is cached: after a load or a move)."""
+        if self._fit_cache is None or self._writes_since_fit >= self.refit_period:
+            self._fit_cache = fit()
             self._writes_since_fit = 0
         return self._fit_cache
 
-    def _refit_due(self) -> bool:
-        return self._fit_cache is None or self._writes_since_fit >= self.refit_period
+    def _require_full(self) -> None:
+        if not self.is_full():
+            raise RuntimeError(f"{type(self).__name__}.sample needs every class queue full")
+
+    def _by_class(self, outliers: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K, S, D) outliers -> (K*S, D) in the queue's dtype, class by class, and (K*S,) int64 class ids."""
+        K, S, D = outliers.shape
+        labels = torch.arange(K * S, device=outliers.device).div_(S, rounding_mode="floor")  # 0..0, 1..1, ...
+        return outliers.reshape(K * S, D).to(self.queue.dtype), labels
 
     # ---- sampling ----
     @torch.no_grad()
@@ -532,8 +547,7 @@ class VirtualOutlierSynthesizer(nn.Module):
             (K*S, D) outlier features (queue dtype, class by class, least likely first)
             and (K*S,) int64 class ids.
         """
-        if not self.is_full():
-            raise RuntimeError("VirtualOutlierSynthesizer.sample needs every class queue full")
+        self._require_full()
         K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
         means, factor = self._gaussian()
         # K x S radii: scalar work for the CPU (the chi-squared inversion iterates); on a GPU it
@@ -542,9 +556,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         radii = host_to_device(top_chi_radii(self.num_candidates, S, D, K, generator if on_cpu else None), device)
         on_device = generator is not None and generator.device == torch.device(device)
         steps = radii[..., None] * random_unit_vectors((K, S), D, generator if on_device else None, device)
-        outliers = means[:, None, :] + steps @ factor.t()
-        labels = torch.arange(K * S, device=device).div_(S, rounding_mode="floor")  # K x S: 0..0, 1..1, ...
-        return outliers.reshape(K * S, D).to(self.queue.dtype), labels
+        return self._by_class(means[:, None, :] + steps @ factor.t())
 
     def sample_if_ready(self, iteration: int, generator: Optional[torch.Generator] = None):
         """:meth:`sample` when :meth:`ready`, else empty (0, D) features and (0,) labels."""
@@ -658,16 +670,16 @@ class NonParametricOutlierSynthesizer(VirtualOutlierSynthesizer):
 
     def _boundary(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K, B, D) boundary features of each class and the noise scale s (0-d), refitted every refit_period writes."""
-        if self._refit_due():
-            queue = self._features()
-            # the (k+1)-th smallest distance of a queued feature: the first is its distance to itself
-            own = torch.cdist(queue, queue).kthvalue(self.knn_k + 1, dim=-1).values  # (K, Q)
-            index = own.topk(self.boundary, dim=-1).indices  # (K, B)
-            points = queue.gather(1, index[..., None].expand(-1, -1, self.feature_dim))
-            scale = (self.covariance().diagonal().sum() / self.feature_dim).sqrt().to(queue.dtype)
-            self._fit_cache = (points, scale)
-            self._writes_since_fit = 0
-        return self._fit_cache
+        return self._fitted(self._fit_boundary)
+
+    def _fit_boundary(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        queue = self._features()
+        # the (k+1)-th smallest distance of a queued feature: the first is its distance to itself
+        own = torch.cdist(queue, queue).kthvalue(self.knn_k + 1, dim=-1).values  # (K, Q)
+        index = own.topk(self.boundary, dim=-1).indices  # (K, B)
+        points = queue.gather(1, index[..., None].expand(-1, -1, self.feature_dim))
+        scale = (self.covariance().diagonal().sum() / self.feature_dim).sqrt().to(queue.dtype)
+        return points, scale
 
     def knn_distances(self, points: torch.Tensor) -> torch.Tensor:
         """(K, P, D) points of each class -> (K, P) distances to their k-th nearest feature of that
@@ -686,8 +698,7 @@ class NonParametricOutlierSynthesizer(VirtualOutlierSynthesizer):
             (K*S, D) outlier features (queue dtype, class by class, least likely first)
             and (K*S,) int64 class ids.
         """
-        if not self.is_full():
-            raise RuntimeError("NonParametricOutlierSynthesizer.sample needs every class queue full")
+        self._require_full()
         K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
         points, scale = self._boundary()
         on_device = generator is not None and generator.device == torch.device(device)
@@ -695,9 +706,7 @@ class NonParametricOutlierSynthesizer(VirtualOutlierSynthesizer):
                             device=device, dtype=points.dtype)
         candidates = (points[:, :, None, :] + (self.noise * scale) * noise).flatten(1, 2)  # (K, B*M, D)
         index = self.knn_distances(candidates).topk(S, dim=-1).indices  # (K, S), farthest first
-        outliers = candidates.gather(1, index[..., None].expand(-1, -1, D))
-        labels = torch.arange(K * S, device=device).div_(S, rounding_mode="floor")
-        return outliers.reshape(K * S, D).to(self.queue.dtype), labels
+        return self._by_class(candidates.gather(1, index[..., None].expand(-1, -1, D)))
 
 
 def build_synthesizer(cfg, feature_dim: int) -> VirtualOutlierSynthesizer:
