@@ -68,6 +68,23 @@ def test_trunk_is_trained_again_when_its_data_or_the_code_changes(tmp_path, fake
     assert len({base, new_data, new_code}) == 3 and len(fake_training) == 3
 
 
+def test_code_version_follows_training_code_but_not_the_benchmark(tmp_path):
+    package = tmp_path / "pkg"
+    for name in ("modeling/heads.py", "benchmark/report.py", "engine/train.py"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(f"# {name}\n")
+    base = trunk.code_version(package)
+    assert trunk.code_version(package) == base
+    (package / "benchmark/report.py").write_text("# a new table\n")
+    (package / "benchmark/levers.py").write_text("# a new file\n")
+    assert trunk.code_version(package) == base
+    (package / "modeling/heads.py").write_text("# another head\n")
+    changed = trunk.code_version(package)
+    assert changed != base
+    (package / "engine/new.py").write_text("# a new module\n")
+    assert trunk.code_version(package) != changed
+
+
 def test_loader_workers_and_output_folder_do_not_change_the_key(tmp_path, fake_training):
     a = trunk.trunk_path(method_cfg(tmp_path, "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", "x"))[2]
     b = trunk.trunk_path(method_cfg(tmp_path, "DATALOADER.NUM_WORKERS", "3", "OUTPUT_DIR", "y"))[2]

@@ -10,9 +10,10 @@ predictor, and the OOD head of the mode) starts fresh.
 
 A trunk is kept under ``MODEL.OOD.TRUNK.CACHE_DIR/<key>/model_final.pth``, where the key is a
 digest of everything that changes it: the trunk's resolved config (seed and device included),
-the version of each training split's data, and the code (this package's sources, torch and
-detectron2 versions). Every method and every setting of one seed therefore shares one trunk,
-and any change to what went into it trains a new one.
+the version of each training split's data, and the code (this package's sources but the
+benchmark's own, which no training imports; torch and detectron2 versions). Every method and
+every setting of one seed therefore shares one trunk, and any change to what went into it trains a
+new one.
 """
 import contextlib
 import fcntl
@@ -97,15 +98,24 @@ def data_version(name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def code_version() -> str:
-    """Digest of this package's sources plus the torch and detectron2 versions."""
+#: Subpackages that no training imports (the benchmark's orchestration, reports and cost
+#: measurement): a change there leaves every trained trunk valid.
+UNKEYED_SUBPACKAGES = ("benchmark",)
+
+
+def code_version(root=None) -> str:
+    """Digest of this package's sources (but :data:`UNKEYED_SUBPACKAGES`) plus the torch and
+    detectron2 versions; ``root``: the package folder (default: this package's)."""
     import detectron2
     import torch
 
     h = hashlib.sha256(f"torch {torch.__version__} detectron2 {detectron2.__version__}".encode())
-    root = Path(__file__).resolve().parent.parent
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
+        relative = path.relative_to(root)
+        if relative.parts[0] in UNKEYED_SUBPACKAGES:
+            continue
+        h.update(str(relative).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
