@@ -41,7 +41,7 @@ COMPARISON_KEYS = {"method", "baseline", "ood_set", "metric", "protocol", "diff_
 MACHINE_KEYS = {"cpu_model", "cpu_count", "cpus_available", "torch_threads", "platform", "device"}
 RUN_KEYS = {"method", "seed", "config_file", "output_dir", "log", "train_net_args", "started_at",
             "wall_time_s", "returncode", "reused", "map", "rows", "configured_score"}
-COST_KEYS = {"settings", "train_step", "inference", "synthesis", "equivalence", "memory", "wall_time_s"}
+COST_KEYS = {"settings", "train_step", "inference", "synthesis", "equivalence", "memory", "knn", "wall_time_s"}
 PAIR_KEYS = {"baseline", "variant", "unit", "baseline_s", "variant_s", "ratio", "target_max", "meets_target",
              "peak_gpu_memory_bytes"}
 SYNTH_KEYS = {"synthesis_step_s", "sample_only_s", "refit_s", "brute_force_one_class_s", "brute_force_s",
@@ -559,6 +559,12 @@ def test_json_has_every_documented_key(bench):
     assert set(res["cost"]["synthesis"]) >= SYNTH_KEYS
     assert set(res["cost"]["equivalence"]) >= EQUIV_KEYS
     assert set(res["cost"]["memory"]) >= MEMORY_KEYS
+    knn = res["cost"]["knn"]  # the kNN score's exact search, per bank size of the tiny preset
+    assert [r["bank_size"] for r in knn] == [100, 1000] and all(r["bank_bytes"] == r["bank_size"] * 8 * 4 for r in knn)
+    assert all(0 < r["seconds"]["min"] <= r["seconds"]["median"] <= r["seconds"]["max"] for r in knn)
+    md = (res_dir / f"{STEM}.md").read_text()
+    assert "kNN score (`MODEL.OOD.SCORE knn`): the exact search of 50 boxes' 8-d embeddings" in md
+    assert md.count("\n| 100 | ") == 1 and md.count("\n| 1000 | ") == 1
 
 
 def test_quick_runs_one_seed_of_each_method_on_a_scaled_schedule(bench):
@@ -707,3 +713,44 @@ def test_trunk_regime_end_to_end_one_trunk_per_seed_and_a_convergence_record(two
     md = (out / f"{STEM}.md").read_text()
     assert "### Convergence" in md and "Regime: trunk (8 in-distribution classes)" in md
     assert (out / f"{STEM}_convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rescore_refuses_a_folder_without_the_trained_models(tmp_path):
+    (tmp_path / "runs" / "vos" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "vos" / "seed0" / "model_final.pth").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"seed1/model_final.pth") as e:
+        runs.plan_quality(methods=["vos"], seeds=[0, 1], rescore=tmp_path)
+    assert "seed0" not in str(e.value)
+    plan = runs.plan_quality(methods=["vos"], seeds=[0], rescore=tmp_path, opts=["MODEL.OOD.SCORE", "knn"])
+    assert plan["rescore"] == str(tmp_path.resolve()) and plan["convergence_points"] == []
+    assert plan["config_scores"] == {"vos": "knn"}
+    assert "MODEL.OOD.TRUNK.CACHE_DIR" not in runs.run_opts(plan, tmp_path, 0)
+
+
+def test_rescore_scores_the_trained_models_again_without_training(two_seeds, tiny_data, tmp_path):
+    """A score chosen post hoc (here knn) on the very models the benchmark trained: nothing trains,
+    each run calibrates and evaluates its seed's model_final.pth, and the boxes are the same ones
+    (same AP, same energy score) with the new score beside them."""
+    out, base, _ = two_seeds
+    proc = run_tool(
+        "benchmark.py", "--rescore", out, "--seeds", 0, 1, "--methods", "energy_cfl", "--skip-cost", "--threads", 1,
+        "--output", tmp_path, "--opts", *OPTS, "MODEL.OOD.SCORE", "knn",
+        env={"DETECTRON2_DATASETS": str(tiny_data)}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training (" not in proc.stdout and proc.stdout.count("rescoring (") == 2
+    res = json.loads((tmp_path / f"{STEM}.json").read_text())
+    assert res["configured_score"] == {"energy_cfl": "knn"} and not res["trunks"]
+    before = {r["seed"]: r for r in base["runs"] if r["method"] == "energy_cfl"}
+    for run in res["runs"]:
+        assert "Starting training" not in (tmp_path / run["log"]).read_text()
+        assert str(runs.rescore_weights(out, "energy_cfl", run["seed"])) in run["train_net_args"]
+        old = before[run["seed"]]
+        assert run["map"]["AP"] == pytest.approx(old["map"]["AP"])
+
+        def energy(rows):
+            return {(r["ood_set"], r["fpr95"], r["auroc"]) for r in rows
+                    if r["score"] == "energy" and r["protocol"] == "clean"}
+
+        assert energy(run["rows"]) and energy(run["rows"]) == energy(old["rows"])
+        assert {r["score"] for r in run["rows"]} >= {"knn", "energy", "combined"}

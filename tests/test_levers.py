@@ -75,7 +75,9 @@ def test_markdown_flags_better_and_worse(folders):
     line = next(ln for ln in text.splitlines() if ln.startswith("| gamma0 "))
     assert "54.7 (-10.3 [-16.6, -4.1]) better" in line
     assert "(-2.0 [-2.0, -2.0]) worse" in line
-    assert text.splitlines()[2].startswith("| base | defaults | 0, 1, 2 | 65.0 |")
+    assert text.splitlines()[0].startswith("| lever | change | seeds | configured score | configured FPR95 |")
+    assert text.splitlines()[2].startswith("| base | defaults | 0, 1, 2 | combined | 65.0 |")
+    assert "knn" not in text  # no folder reports a knn score
 
 
 def test_refuses_test_split_folders_and_missing_documents(tmp_path, folders):
@@ -109,3 +111,31 @@ def test_command_line_writes_the_table_and_names_bad_arguments(tmp_path, folders
     assert out.read_text() in proc.stdout
     proc = run_tool("lever_table.py", "--base", base, "--lever", "gamma0")
     assert proc.returncode != 0 and "expected NAME=FOLDER" in proc.stderr
+
+
+def test_a_score_lever_is_paired_on_each_folders_configured_score(tmp_path, folders):
+    """A score chosen post hoc (tools/benchmark.py --rescore ... MODEL.OOD.SCORE knn): its row's
+    configured cells hold its own knn FPR95, paired to the base's configured (combined) one, and
+    the knn columns appear because a folder reports them."""
+    base_folder, _ = folders
+    knn_fpr = (0.55, 0.60, 0.70)  # differences to the base's combined: -5, -10, +5 points
+    runs = []
+    for s, f in enumerate(knn_fpr):
+        r = run("energy_cfl", s, 0.9, 0.5, 70.0 + s)  # its combined row: unchanged model, other numbers
+        r["rows"].append({"score": "knn", "ood_set": TUNE, "protocol": "clean", "fpr95": f, "auroc": 0.85})
+        runs.append(r)
+    doc = document(runs, opts=["MODEL.OOD.SCORE", "knn"])
+    doc["configured_score"] = {"energy_cfl": "knn"}
+    base, knn = levers.read_benchmark(base_folder), levers.read_benchmark(write(tmp_path / "knn", doc))
+    rows = levers.lever_rows(base, [("knn", knn)])
+    assert [r["configured_score"] for r in rows] == ["combined", "knn"]
+    cell = rows[1]["cells"]["configured/fpr95"]
+    assert cell["mean"] == pytest.approx(100 * sum(knn_fpr) / 3) and cell["diff"] == pytest.approx(-10 / 3)
+    assert cell["significant"] is False  # -5, -10, +5: the interval crosses 0
+    assert rows[1]["cells"]["combined/fpr95"]["diff"] == pytest.approx(90.0 - 65.0)
+    assert rows[1]["cells"]["knn/fpr95"]["mean"] == pytest.approx(cell["mean"])
+    assert rows[0]["cells"]["knn/fpr95"]["n"] == 0  # the base has no knn score
+    text = levers.lever_markdown(rows)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| knn "))
+    assert line.startswith("| knn | MODEL.OOD.SCORE knn | 0, 1, 2 | knn | 61.7 (-3.3 [")
+    assert "knn FPR95" in text.splitlines()[0]

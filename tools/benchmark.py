@@ -85,6 +85,10 @@ def build_parser():
     p.add_argument("--validation", action="store_true",
                    help="evaluate on the tuning splits (DATASETS.TEST shapes_tune, DATASETS.OOD_TEST "
                    "shapes_ood_tune) instead of the test splits: for choosing hyper-parameters")
+    p.add_argument("--rescore", metavar="FOLDER", default=None,
+                   help="no training: calibrate and evaluate again the models of an earlier benchmark's --output "
+                        "FOLDER (same --methods and --seeds) with these --opts, e.g. MODEL.OOD.SCORE knn: a score "
+                        "chosen post hoc, measured on the very models it scores")
     p.add_argument("--skip-quality", action="store_true", help="no training: the cost part only")
     p.add_argument("--skip-cost", action="store_true", help="no cost measurements")
     c = p.add_argument_group("cost (defaults from --cost-scale)")
@@ -99,7 +103,7 @@ def results_dir(args):
     """Only the full benchmark may write the committed files by default."""
     if args.results_dir is not None:
         return Path(args.results_dir)
-    partial = (args.quick or args.validation or args.skip_quality or args.skip_cost
+    partial = (args.quick or args.validation or args.skip_quality or args.skip_cost or args.rescore
                or args.max_iter is not None or args.schedule_scale is not None)
     return Path(args.output if partial else DEFAULT_RESULTS_DIR)
 
@@ -111,7 +115,8 @@ def plan(args):
         config_prefix=args.config_prefix, config_suffix=args.config_suffix, schedule_scale=args.schedule_scale,
         max_iter=args.max_iter, device=args.device, threads=args.threads, jobs=args.jobs,
         trunk_cache=None if args.trunk_cache is None else str(Path(args.trunk_cache).resolve()),
-        convergence_points=args.convergence_points, convergence_images=args.convergence_images)
+        convergence_points=args.convergence_points, convergence_images=args.convergence_images,
+        rescore=args.rescore)
 
 
 def cost_overrides(args):

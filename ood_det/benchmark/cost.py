@@ -47,10 +47,12 @@ COST_PRESETS = {
     # The VOC head (K=20 classes, 2-FC box head D=1024, VOS's queue / candidates) on the shapes backbone.
     "full": dict(num_classes=20, fc_dim=1024, queue_size=1000, num_candidates=10000, num_samples=1,
                  image_size=128, batch=2, repeats=7, steps=3, images=4, fg_per_step=32,
-                 synth_repeats=21, brute_repeats=3, reference_divisor=10, eq_dim=16, eq_draws=2000, full_dim_draws=400),
+                 synth_repeats=21, brute_repeats=3, reference_divisor=10, eq_dim=16, eq_draws=2000, full_dim_draws=400,
+                 knn_bank_sizes=(1000, 10000, 100000), knn_dim=128, knn_queries=2000, knn_k=10, knn_repeats=3),
     "tiny": dict(num_classes=3, fc_dim=32, queue_size=16, num_candidates=200, num_samples=1,
                  image_size=64, batch=1, repeats=2, steps=1, images=1, fg_per_step=8,
-                 synth_repeats=3, brute_repeats=2, reference_divisor=2, eq_dim=4, eq_draws=200, full_dim_draws=40),
+                 synth_repeats=3, brute_repeats=2, reference_divisor=2, eq_dim=4, eq_draws=200, full_dim_draws=40,
+                 knn_bank_sizes=(100, 1000), knn_dim=8, knn_queries=50, knn_k=3, knn_repeats=2),
 }
 
 #: Settings a command line may override (the others follow the preset).
@@ -527,11 +529,12 @@ def run_cost(settings, device, config="shapes_energy_cfl.yaml", scale="full"):
     equiv = equivalence_check(s, device, synth["_full_dim"])
     memory = measure_memory(s, device, synth)
     synth.pop("_full_dim")
+    knn = knn_cost(s["knn_bank_sizes"], s["knn_dim"], s["knn_queries"], s["knn_k"], s["knn_repeats"], device)
     recorded = dict(s, scale=scale, config=config, device=str(device), torch_threads=torch.get_num_threads(),
                     backbone="the cost config's, from scratch",
                     optimizer="detectron2 build_optimizer with SOLVER.BASE_LR 0 (weights never change)")
     return {"settings": recorded, "train_step": train, "inference": infer, "synthesis": synth,
-            "equivalence": equiv, "memory": memory, "wall_time_s": round(time.perf_counter() - start, 2)}
+            "equivalence": equiv, "memory": memory, "knn": knn, "wall_time_s": round(time.perf_counter() - start, 2)}
 
 
 def knn_cost(bank_sizes=(1000, 10000, 100000), dim=128, queries=2000, k=10, repeats=3, device="cpu", seed=0):

@@ -17,6 +17,11 @@ from . import stats
 from .runs import RUN_META, VALIDATION_OPTS, read_finished_run
 
 SCORES = ("combined", "energy", "representation")
+#: Scores shown besides SCORES wherever a folder reports them (a score chosen post hoc, --rescore).
+EXTRA_SCORES = ("knn", "knn_energy")
+#: The cells of each folder's own configured score (the selection rule's primary metric), paired
+#: to the base's configured score.
+CONFIGURED = "configured"
 METRICS = ("fpr95", "auroc")
 #: Lower is better for these; a significant change in the wrong direction is "worse".
 LOWER_IS_BETTER = {"fpr95"}
@@ -88,8 +93,24 @@ def _cell(values, metric, base_values=None):
     return cell
 
 
-def lever_rows(base, levers, method="energy_cfl", protocol="clean", scores=SCORES):
+def configured_score(result, method):
+    """The score ``method``'s runs in ``result`` were calibrated with (None where it does not say)."""
+    return (result.get("configured_score") or {}).get(method)
+
+
+def scores_of(docs, method, protocol="clean"):
+    """:data:`SCORES`, then those of :data:`EXTRA_SCORES` that a run of ``method`` in ``docs`` reports."""
+    seen = {row.get("score") for doc in docs for run in doc["runs"] if run.get("method") == method
+            for row in run.get("rows", []) if row.get("protocol") == protocol}
+    return (*SCORES, *(s for s in EXTRA_SCORES if s in seen))
+
+
+def lever_rows(base, levers, method="energy_cfl", protocol="clean", scores=None):
     """One row for the base, then one per lever.
+
+    Each row has the cells of its own configured score (``configured/<metric>``, paired to the
+    base's configured score: a lever may change the score), of every score in ``scores`` (None:
+    :func:`scores_of` the folders) and AP.
 
     Args:
         base: result document of the default settings (:func:`read_benchmark`).
@@ -97,6 +118,8 @@ def lever_rows(base, levers, method="energy_cfl", protocol="clean", scores=SCORE
         method: the method whose runs are compared.
     """
     ood_set = tuning_set(base)
+    if scores is None:
+        scores = scores_of([base, *(doc for _, doc in levers)], method, protocol)
 
     def values(result, score, metric):
         return stats.seed_values(result["runs"], method, score, ood_set, protocol, metric)
@@ -108,7 +131,12 @@ def lever_rows(base, levers, method="energy_cfl", protocol="clean", scores=SCORE
         paired = result is not base
         row = {"name": name, "change": "" if not paired else change_of(result, base), "ood_set": ood_set,
                "seeds": sorted({r["seed"] for r in result["runs"] if r.get("method") == method
-                                and r.get("returncode") == 0}), "cells": {}}
+                                and r.get("returncode") == 0}), "cells": {},
+               "configured_score": configured_score(result, method)}
+        for metric in METRICS:
+            base_values = values(base, configured_score(base, method), metric) if paired else None
+            row["cells"][f"{CONFIGURED}/{metric}"] = _cell(values(result, row["configured_score"], metric), metric,
+                                                          base_values)
         for score in scores:
             for metric in METRICS:
                 base_values = values(base, score, metric) if paired else None
@@ -135,15 +163,23 @@ def _fmt(cell):
 
 def lever_markdown(rows):
     """The lever table: each cell ``mean (difference to base [95% interval])``, flagged
-    "better"/"worse" where the interval excludes zero."""
-    columns = [(f"{s}/{m}", f"{s} {'FPR95' if m == 'fpr95' else 'AUROC'}") for s in SCORES for m in METRICS]
-    columns.append(("ap", "AP"))
-    head = "| lever | change | seeds | " + " | ".join(t for _, t in columns) + " |"
-    lines = [head, "|" + "---|" * (3 + len(columns))]
+    "better"/"worse" where the interval excludes zero. The columns after the seeds are the row's
+    own configured score (its name, FPR95, AUROC), then each score's, then AP."""
+    keys = list(dict.fromkeys(k for row in rows for k in row["cells"] if k != "ap"))
+    keys.sort(key=lambda k: k.split("/")[0] != CONFIGURED)  # stable: the configured cells first
+
+    def title(key):
+        score, metric = key.split("/")
+        name = "configured" if score == CONFIGURED else score
+        return f"{name} {'FPR95' if metric == 'fpr95' else 'AUROC'}"
+
+    columns = [(k, title(k)) for k in keys] + [("ap", "AP")]
+    head = "| lever | change | seeds | configured score | " + " | ".join(t for _, t in columns) + " |"
+    lines = [head, "|" + "---|" * (4 + len(columns))]
     for row in rows:
         cells = [_fmt(row["cells"][k]) if k in row["cells"] else "-" for k, _ in columns]
         lines.append(f"| {row['name']} | {row['change'] or 'defaults'} | {', '.join(map(str, row['seeds']))} | "
-                     + " | ".join(cells) + " |")
+                     f"{row.get('configured_score') or '-'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -396,7 +396,27 @@ def cost_markdown(cost):
         "Ratios: variant / baseline for time, baseline / variant for speedups.", "",
         format_metrics_table(_cost_rows(st, tr, inf, syn), columns=columns, titles=titles), "",
         *_cost_notes(syn, eq, mem), *_gpu_memory_line(tr, inf), "",
+        *knn_cost_markdown(cost.get("knn")),
     ]
+
+
+def knn_cost_markdown(rows):
+    """The kNN score's exact search per bank size (``cost.knn``; absent from older files)."""
+    if not rows:
+        return []
+    mb = 2.0 ** 20
+    first = rows[0]
+    lines = [f"kNN score (`MODEL.OOD.SCORE knn`): the exact search of {first['queries']} boxes' "
+             f"{first['dim']}-d embeddings for their k={first['k']}-th nearest bank row, per bank size "
+             f"(memory measured by {first['memory_method']}):", "",
+             "| bank size | seconds min / median / max | per 1000 boxes (ms, median) | bank (MiB) | "
+             "search peak (MiB) |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        sec = r["seconds"]
+        peak = "-" if r["search_peak_bytes"] is None else f"{r['search_peak_bytes'] / mb:.1f}"
+        lines.append(f"| {r['bank_size']} | {sec['min']:.4f} / {sec['median']:.4f} / {sec['max']:.4f} | "
+                     f"{1000 * 1000 * sec['median'] / r['queries']:.2f} | {r['bank_bytes'] / mb:.2f} | {peak} |")
+    return [*lines, ""]
 
 
 def markdown(result):

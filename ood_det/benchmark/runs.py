@@ -128,7 +128,7 @@ def default_jobs(device="cpu", cpus=None):
 def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validation=False, opts=(),
                  config_prefix="shapes_", config_suffix="", schedule_scale=None, max_iter=None,
                  device="cpu", threads=None, jobs=None, trunk_cache=None, convergence_points=None,
-                 convergence_images=None):
+                 convergence_images=None, rescore=None):
     """Configs, schedule and seeds of the quality part, as a JSON-able dict.
 
     Refuses methods whose configs train on different schedules: their numbers would not compare.
@@ -142,6 +142,11 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     is also evaluated at ``convergence_points`` of its schedule (None: :data:`CONVERGENCE_POINTS`,
     none for a quick run), on ``convergence_images`` images of each set (None:
     :data:`CONVERGENCE_IMAGES`; 0: every image).
+
+    ``rescore``: no training. The models of that earlier benchmark folder
+    (``runs/<method>/seed<s>/model_final.pth``, one per method and seed of this plan) are calibrated
+    and evaluated again with this plan's ``opts`` (e.g. ``MODEL.OOD.SCORE knn``), so that a score
+    is compared on the very models it scores; no trunk and no convergence points then.
     """
     jobs = default_jobs(device) if jobs is None else jobs
     if jobs < 1:
@@ -168,6 +173,15 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
     used = scale_schedule(schedule, scale)
     if quick and trunk:
         opts = quick_trunk_opts(trunk, opts)
+    seeds = list(seeds)[:1] if quick else list(seeds)
+    if rescore is not None:
+        rescore = str(Path(rescore).resolve())
+        missing = [str(rescore_weights(rescore, m, s)) for s in seeds for m in configs
+                   if not rescore_weights(rescore, m, s).is_file()]
+        if missing:
+            raise ConfigError(f"--rescore {rescore}: no trained model at {', '.join(missing)}; name the --output "
+                              f"folder of a finished benchmark with the same --methods and --seeds")
+        convergence_points = ()
     if convergence_points is None:
         convergence_points = () if quick else CONVERGENCE_POINTS
     points = sorted({float(p) for p in convergence_points})
@@ -178,7 +192,7 @@ def plan_quality(methods=METHODS, seeds=DEFAULT_SEEDS, *, quick=False, validatio
         raise ConfigError(f"--convergence-images must be >= 0 (0: every image), got {images}")
     return {
         "quick": quick, "validation": validation, "methods": list(configs), "configs": configs,
-        "seeds": list(seeds)[:1] if quick else list(seeds),
+        "seeds": seeds, "rescore": rescore,
         "schedule_config": schedule, "schedule_scale": scale, "schedule": used,
         "schedule_opts": schedule_opts(used) if scale != 1.0 else [],
         "opts": opts, "device": device, "threads": threads, "jobs": jobs,
@@ -212,8 +226,14 @@ def _train_net():
     return path
 
 
+def rescore_weights(folder, method, seed):
+    """The trained model of (method, seed) in the benchmark folder ``folder``."""
+    return Path(folder) / "runs" / method / f"seed{seed}" / "model_final.pth"
+
+
 def train_run(method, seed, plan, out_root, reuse=False, keep_checkpoints=False):
-    """Train + calibrate + evaluate one (method, seed) in a tools/train_net.py subprocess.
+    """Train + calibrate + evaluate one (method, seed) in a tools/train_net.py subprocess; with
+    ``plan["rescore"]``, calibrate + evaluate that folder's trained model instead.
 
     Returns the run record: how it ran (arguments, exit status, wall time, log) and, when it
     succeeded, its results (see :func:`read_results`). With ``reuse``, a finished run with the
@@ -221,6 +241,9 @@ def train_run(method, seed, plan, out_root, reuse=False, keep_checkpoints=False)
     """
     run_dir = (Path(out_root) / "runs" / method / f"seed{seed}").resolve()
     args = ["--config-file", plan["configs"][method], *run_opts(plan, out_root, seed)]
+    if plan.get("rescore"):
+        args[2:2] = ["--calibrate", "--eval-only"]
+        args += ["MODEL.WEIGHTS", str(rescore_weights(plan["rescore"], method, seed))]
     if reuse:
         record = finished_run(run_dir, args)
         if record is not None:
@@ -232,7 +255,8 @@ def train_run(method, seed, plan, out_root, reuse=False, keep_checkpoints=False)
         "output_dir": _rel(run_dir, out_root), "log": _rel(log_path, out_root),
         "train_net_args": args, "started_at": now(), "reused": False,
     }
-    print(f"[benchmark] {method} seed {seed}: training ({record['log']}) ...", flush=True)
+    doing = "rescoring" if plan.get("rescore") else "training"
+    print(f"[benchmark] {method} seed {seed}: {doing} ({record['log']}) ...", flush=True)
     start = time.perf_counter()
     returncode = _run_logged([sys.executable, str(_train_net()), *args, "OUTPUT_DIR", str(run_dir)],
                              log_path, plan["threads"])
@@ -250,7 +274,7 @@ def run_opts(plan, out_root, seed):
     """train_net's KEY VALUE overrides of one run of ``seed``. The schedule comes from config +
     --opts, scaled: it goes after --opts so that it wins."""
     opts = ["MODEL.DEVICE", plan["device"], *plan["opts"], *plan["schedule_opts"], "SEED", str(seed)]
-    if plan.get("trunk_config"):
+    if plan.get("trunk_config") and not plan.get("rescore"):
         opts += ["MODEL.OOD.TRUNK.CACHE_DIR", str(trunk_cache(plan, out_root))]
     if plan.get("convergence_points"):
         opts += ["TEST.CONVERGENCE_POINTS", str(tuple(plan["convergence_points"])),
@@ -378,7 +402,7 @@ def run_quality(plan, out_root, reuse=False, keep_checkpoints=False, on_run=None
     order = [(seed, method) for seed in plan["seeds"] for method in plan["methods"]]
     done, trunks = {}, {}
     with ThreadPoolExecutor(max_workers=plan.get("jobs", 1)) as pool:
-        if plan.get("trunk_config"):
+        if plan.get("trunk_config") and not plan.get("rescore"):
             # Trunks first; a method's run waits for its seed's trunk (a pool worker takes it only
             # once every trunk has started, so the wait is short and never circular).
             trunks = {seed: pool.submit(trunk_run, seed, plan, out_root) for seed in plan["seeds"]}
