@@ -1,6 +1,7 @@
 """The synthetic shapes generator: determinism, valid COCO, splits as documented."""
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,28 @@ def test_unwritable_root_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(DatasetError, match="DETECTRON2_DATASETS"):
         synthetic.ensure_split("val", root=blocker)
+
+
+def test_a_split_written_by_other_generator_code_is_generated_again(tmp_path, caplog):
+    """Stale data (same folder, older drawing code) is redrawn, not trained on; current data is kept."""
+    sizes = {"val": 2}
+    json_path = synthetic.ensure_split("val", root=tmp_path, sizes=sizes)
+    fresh = json.loads(json_path.read_text())
+    assert fresh["info"]["generator"] == synthetic.generator_digest()
+    stamp = json_path.stat().st_mtime_ns
+    assert synthetic.ensure_split("val", root=tmp_path, sizes=sizes) == json_path
+    assert json_path.stat().st_mtime_ns == stamp  # current: not written again
+
+    stale = dict(fresh, info=dict(fresh["info"], generator="0" * 16))
+    stale["annotations"] = [dict(a, bbox=[0, 0, 1, 1]) for a in fresh["annotations"]]
+    json_path.write_text(json.dumps(stale))
+    image = json_path.parent.parent / "val" / fresh["images"][0]["file_name"]
+    image.write_bytes(b"stale")
+    with caplog.at_level(logging.WARNING, logger="ood_det.data.synthetic"):
+        assert synthetic.ensure_split("val", root=tmp_path, sizes=sizes) == json_path
+    assert "other generator code" in caplog.text
+    assert json.loads(json_path.read_text()) == fresh
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_corrupt_annotations_name_the_file(tmp_path):

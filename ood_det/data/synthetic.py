@@ -52,11 +52,15 @@ read when a split is loaded, not when it is registered)::
         annotations/<split>.json
         <split>/<split>_<index>.png
 
-Generation is deterministic: same seed and generator version, same bytes.
+Generation is deterministic: same seed and generator code, same bytes. Each
+json records a digest of this module's source (``info.generator``); a split
+written by other generator code is generated again when it is next loaded, so
+an edit here never trains on stale pictures under the same folder name.
 """
 import contextlib
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -173,6 +177,24 @@ def shapes_dir(root=None, seed: int = DEFAULT_SEED, sizes=None) -> Path:
     if sizes:
         name += "-n" + "-".join(str(sizes.get(s, SPLITS[s].num_images)) for s in SPLITS)
     return root.absolute() / "shapes" / name
+
+
+@functools.lru_cache(maxsize=None)
+def generator_digest() -> str:
+    """Digest of this module's source: the code that drew a split, recorded in its json."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _written_by_other_code(json_path: Path) -> bool:
+    """Whether the split's json was written by generator code other than this one.
+
+    A json that cannot be read is left to the loader, which names the file.
+    """
+    try:
+        info = json.loads(json_path.read_text()).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return info.get("generator") != generator_digest()
 
 
 def image_streams(split: str, seed: int, num_images: int) -> list:
@@ -503,7 +525,11 @@ def _write_images(folder: Path, split: str, seed: int, n: int) -> dict:
         images.append({"id": i + 1, "file_name": file_name, "height": IMAGE_SIZE, "width": IMAGE_SIZE})
         for cls, box, _ in objects:
             annotations.append(_coco_annotation(len(annotations) + 1, i + 1, cats[cls]["id"], box))
-    info = {"description": f"ood_det synthetic shapes, split {split}", "version": GENERATOR_VERSION}
+    info = {
+        "description": f"ood_det synthetic shapes, split {split}",
+        "version": GENERATOR_VERSION,
+        "generator": generator_digest(),
+    }
     return {"info": info, "images": images, "annotations": annotations, "categories": cats}
 
 
@@ -549,13 +575,20 @@ def ensure_split(split: str, root=None, seed: int = DEFAULT_SEED, sizes=None) ->
     """Generate ``split`` under the dataset root unless it is already there; return its json."""
     out = shapes_dir(root, seed, sizes)
     json_path = out / "annotations" / f"{split}.json"
-    if json_path.exists():
+    if json_path.exists() and not _written_by_other_code(json_path):
         return json_path
     try:
         with _lock(out):
             if not json_path.exists():
                 logger.info("Generating synthetic shapes split %r into %s ...", split, out)
-                generate_split(out, split, seed, (sizes or {}).get(split))
+            elif _written_by_other_code(json_path):
+                logger.warning(
+                    "Synthetic shapes split %r in %s was written by other generator code; generating it again.",
+                    split, out,
+                )
+            else:
+                return json_path  # another process generated it while this one waited
+            generate_split(out, split, seed, (sizes or {}).get(split))
     except OSError as e:
         raise DatasetError(
             f"cannot write the synthetic shapes dataset under {out} ({e.strerror}); "
