@@ -5,6 +5,7 @@ then a two-seed run that reuses its seed."""
 import json
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -501,6 +502,23 @@ def test_cost_settings_apply_overrides_and_refuse_unknown_ones():
         cost.cost_settings("tiny", {"eq_dim": 3})
     with pytest.raises(ValueError, match="unknown cost scale"):
         cost.cost_settings("huge")
+
+
+@pytest.mark.parametrize("score, bank_rows", [("knn_energy", 50), ("combined", 0)])
+def test_cost_inference_scores_boxes_with_the_configs_score(tmp_path, score, bank_rows):
+    """Everything a config turns on is in its cost: a kNN score searches a full bank for every box."""
+    config = tmp_path / "cfg.yaml"
+    base = Path(__file__).resolve().parents[1] / "configs" / "shapes_energy_cfl.yaml"
+    config.write_text(f"_BASE_: {base}\nMODEL:\n  OOD:\n    SCORE: {score}\n")
+    s = cost.cost_settings("tiny", {"repeats": 1, "images": 1})
+    device = torch.device("cpu")
+    baseline, ood_model, _ = cost.build_cost_models(str(config), s, device)
+    scorer = ood_model.roi_heads.box_predictor.scorer
+    assert scorer.score_name == score and len(scorer.knn_bank) == bank_rows
+    out = cost.measure_inference(baseline, ood_model, s, device)
+    assert (out["score"], out["knn_bank_rows"]) == (score, bank_rows)
+    bank = f", kNN bank of {bank_rows} rows" if bank_rows else ""
+    assert report._scored_by(out) == f", scored by {score}{bank}"  # the cost markdown's words
 
 
 # ---------------------------------------------------------------- tools/benchmark.py end to end

@@ -38,6 +38,7 @@ from detectron2.utils.events import EventStorage
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..modeling.scorer import NEEDS_KNN
 from ..modeling.scores import knn_distance
 from ..modeling.synthesizer import VirtualOutlierSynthesizer, brute_force_sample
 
@@ -48,11 +49,13 @@ COST_PRESETS = {
     "full": dict(num_classes=20, fc_dim=1024, queue_size=1000, num_candidates=10000, num_samples=1,
                  image_size=128, batch=2, repeats=7, steps=3, images=4, fg_per_step=32,
                  synth_repeats=21, brute_repeats=3, reference_divisor=10, eq_dim=16, eq_draws=2000, full_dim_draws=400,
-                 knn_bank_sizes=(1000, 10000, 100000), knn_dim=128, knn_queries=2000, knn_k=10, knn_repeats=3),
+                 knn_bank_sizes=(1000, 10000, 100000), knn_dim=128, knn_queries=2000, knn_k=10, knn_repeats=3,
+                 knn_bank_rows=10000),
     "tiny": dict(num_classes=3, fc_dim=32, queue_size=16, num_candidates=200, num_samples=1,
                  image_size=64, batch=1, repeats=2, steps=1, images=1, fg_per_step=8,
                  synth_repeats=3, brute_repeats=2, reference_divisor=2, eq_dim=4, eq_draws=200, full_dim_draws=40,
-                 knn_bank_sizes=(100, 1000), knn_dim=8, knn_queries=50, knn_k=3, knn_repeats=2),
+                 knn_bank_sizes=(100, 1000), knn_dim=8, knn_queries=50, knn_k=3, knn_repeats=2,
+                 knn_bank_rows=50),
 }
 
 #: Settings a command line may override (the others follow the preset).
@@ -90,7 +93,7 @@ def cost_cfg(config, s, roi_heads, device):
     opts = [
         "MODEL.DEVICE", str(device), "MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NAME", roi_heads,
         "MODEL.ROI_HEADS.NUM_CLASSES", s["num_classes"], "MODEL.ROI_BOX_HEAD.FC_DIM", s["fc_dim"],
-        "MODEL.OOD.MODE", "energy_cfl", "MODEL.OOD.SCORE", "combined",
+        "MODEL.OOD.MODE", "energy_cfl",  # MODEL.OOD.SCORE: the config's, so a kNN score pays its search
         "MODEL.OOD.QUEUE_SIZE", s["queue_size"], "MODEL.OOD.NUM_CANDIDATES", s["num_candidates"],
         "MODEL.OOD.NUM_SAMPLES", s["num_samples"],
         # Every image keeps TEST.DETECTIONS_PER_IMAGE boxes, each with its OOD fields.
@@ -115,14 +118,20 @@ def build_cost_models(config, s, device):
     predictor = ood_model.roi_heads.box_predictor
     if predictor.synthesizer.feature_dim != s["fc_dim"]:
         raise RuntimeError(f"box feature size {predictor.synthesizer.feature_dim} != FC_DIM {s['fc_dim']}")
-    _mark_calibrated(predictor)
+    _mark_calibrated(predictor, s["knn_bank_rows"])
     return baseline_model, ood_model, ood_cfg
 
 
-def _mark_calibrated(box_predictor):
+def _mark_calibrated(box_predictor, knn_bank_rows):
     """Calibrate the OOD head as a deployed one is (is_ood against a real threshold), on made-up
-    score fields: the numbers change nothing in the work a box costs."""
+    score fields: the numbers change nothing in the work a box costs. A kNN score gets a bank of
+    ``knn_bank_rows`` made-up embeddings (at most ``MODEL.OOD.KNN_BANK_SIZE``), searched for every box."""
     scorer = box_predictor.scorer
+    if scorer.score_name in NEEDS_KNN:
+        device = scorer.stats.device
+        dim = box_predictor.knn_embeddings(torch.zeros(2, box_predictor.synthesizer.feature_dim, device=device))
+        g = torch.Generator().manual_seed(0)
+        scorer.fill_bank(torch.randn(int(knn_bank_rows), dim.shape[1], generator=g).to(device))
     fields = {name: torch.linspace(0.0, 1.0, 8, device=scorer.stats.device) for name in scorer.raw_fields}
     scorer.fit(fields, conf_threshold=0.0)
 
@@ -276,6 +285,8 @@ def measure_inference(baseline_model, ood_model, s, device):
     out = _pair_result("StandardROIHeads", "EnergyCFLROIHeads", [t / n for t in t_base], [t / n for t in t_ood],
                        ratios, "image", COST_TARGETS["inference_ratio"])
     out["boxes_per_image"] = boxes
+    scorer = ood_model.roi_heads.box_predictor.scorer
+    out["score"], out["knn_bank_rows"] = scorer.score_name, len(scorer.knn_bank)
     out["peak_gpu_memory_bytes"] = {name: cuda_peak_bytes(run(m), device)
                                     for name, m in (("baseline", baseline_model), ("variant", ood_model))}
     return out

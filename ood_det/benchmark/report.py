@@ -319,6 +319,14 @@ def _times(x):
     return f"{x:.0f}x"
 
 
+def _scored_by(inf):
+    """How the cost's boxes were scored (older results files do not say)."""
+    if "score" not in inf:
+        return ""
+    bank = f", kNN bank of {inf['knn_bank_rows']} rows" if inf.get("knn_bank_rows") else ""
+    return f", scored by {inf['score']}{bank}"
+
+
 def _cost_rows(st, tr, inf, syn):
     baseline_name, ood_name = "StandardROIHeads", "EnergyCFLROIHeads"
     return [
@@ -392,7 +400,8 @@ def cost_markdown(cost):
         f"fixed synthetic inputs, {st['repeats']} interleaved repeats, device {st['device']}, "
         f"{st['torch_threads']} torch threads. Training with outlier synthesis active "
         f"(synthesis_active={tr['synthesis_active']}; MODEL.OOD.REFIT_PERIOD={tr['refit_period']}, "
-        f"{tr['steps_per_repeat']} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image. "
+        f"{tr['steps_per_repeat']} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image"
+        f"{_scored_by(inf)}. "
         "Ratios: variant / baseline for time, baseline / variant for speedups.", "",
         format_metrics_table(_cost_rows(st, tr, inf, syn), columns=columns, titles=titles), "",
         *_cost_notes(syn, eq, mem), *_gpu_memory_line(tr, inf), "",
