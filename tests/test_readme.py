@@ -125,3 +125,34 @@ def test_results_block_formats_the_json_and_marks_noise(tmp_path):
     (tmp_path / "none.md").write_text("no block")
     assert readme.main([str(REPO / "docs/results/archive/scratch_4classes/shapes_benchmark.json"),
                         "--write", str(tmp_path / "none.md")]) == 2
+
+
+def test_the_papers_score_keeps_its_rows_and_intervals_when_another_is_configured():
+    """A new default score for energy_cfl never hides the seed paper's combined score: its headline
+    row and its paired intervals against the baselines stay in the README block, equal to the
+    intervals it has as the configured score."""
+    import json
+
+    from ood_det.benchmark import readme, stats
+
+    result = json.loads((REPO / "docs/results/shapes_benchmark.json").read_text())
+    assert result["configured_score"]["energy_cfl"] == "combined"
+    as_configured = stats.comparisons(result["runs"], result["configured_score"])
+    assert not [c for c in as_configured if c["method"] == "energy_cfl" and c["method_score"] != "combined"]
+
+    configured = dict(result["configured_score"], energy_cfl="energy")
+    comps = stats.comparisons(result["runs"], configured)
+    paper = [c for c in comps if c["method"] == "energy_cfl" and c["method_score"] == "combined"]
+    assert paper and "ap" not in {c["metric"] for c in paper}
+    key = ("method", "baseline", "ood_set", "protocol", "metric")
+    same = {tuple(c[k] for k in key): c for c in as_configured}
+    for c in paper:
+        assert c == same[tuple(c[k] for k in key)]
+
+    result = dict(result, configured_score=configured, comparisons=comps,
+                  rows=stats.aggregate(result["runs"], configured))
+    text = "\n".join(readme.section(result))
+    assert "| energy_cfl (energy) |" in text and "| energy_cfl (combined) |" in text
+    near = readme._comp(result, "energy_cfl", "vanilla", "shapes_ood", "fpr95", score="combined")
+    assert f"| energy_cfl (combined) - vanilla | {readme._iv(near)} |" in text
+    assert readme._comp(result, "energy_cfl", "vanilla", "shapes_ood", "fpr95")["method_score"] == "energy"

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import OODDetError
 from ..utils import atomic_write
 from .report import OOD_SET_KINDS, convergence_gaps
+from .stats import PAPER_SCORES
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PAIRS = (("energy_cfl", "vanilla"), ("energy_cfl", "vos"), ("vos", "vanilla"))
@@ -53,10 +54,19 @@ def _row(result, method, score, ood_set, protocol="clean"):
                  == (method, score, ood_set, protocol)), {})
 
 
-def _comp(result, method, baseline, ood_set, metric, protocol="clean"):
-    return next((c for c in result["comparisons"] if (c["method"], c["baseline"], c["ood_set"], c["metric"],
-                                                       c["protocol"]) == (method, baseline, ood_set, metric,
-                                                                          protocol)), None)
+def _comp(result, method, baseline, ood_set, metric, protocol="clean", score=None):
+    """The comparison of ``method`` (its configured score, or ``score``) with ``baseline``."""
+    score = score or result["configured_score"].get(method)
+    return next((c for c in result["comparisons"] if (c["method"], c.get("method_score", score), c["baseline"],
+                                                       c["ood_set"], c["metric"], c["protocol"])
+                 == (method, score, baseline, ood_set, metric, protocol)), None)
+
+
+def _paper_scores(result):
+    """{method: the seed paper's score} where the method is configured with another and ran it."""
+    near, _ = _sets(result)
+    return {m: s for m, s in PAPER_SCORES.items() if result["configured_score"].get(m, s) != s
+            and _row(result, m, s, near)}
 
 
 def headline(result):
@@ -64,6 +74,7 @@ def headline(result):
     near, far = _sets(result)
     combos = [("vanilla", "msp")] if _row(result, "vanilla", "msp", near) else []
     combos += [(m, s) for m, s in result["configured_score"].items()]
+    combos += [(m, s) for m, s in _paper_scores(result).items()]
     rows = []
     for method, score in combos:
         n, f = _row(result, method, score, near), _row(result, method, score, far)
@@ -77,13 +88,16 @@ def paired(result):
     """The paired differences (95% intervals) of FPR95, its relative reduction, AUROC and AP."""
     near, far = _sets(result)
     rows = []
+    paper = _paper_scores(result)
     for m, b in PAIRS:
         if _comp(result, m, b, near, "ap") is None:
             continue
-        rows.append([f"{m} - {b}", _iv(_comp(result, m, b, near, "fpr95")),
-                     _iv(_comp(result, m, b, near, "fpr95_rel_reduction")), _iv(_comp(result, m, b, near, "auroc")),
-                     _iv(_comp(result, m, b, far, "fpr95")), _iv(_comp(result, m, b, far, "fpr95_rel_reduction")),
-                     _iv(_comp(result, m, b, far, "auroc")), _iv(_comp(result, m, b, near, "ap"), 2)])
+        for score in (None, paper[m]) if m in paper else (None,):
+            cells = [_iv(_comp(result, m, b, s, metric, score=score)) for s in (near, far)
+                     for metric in ("fpr95", "fpr95_rel_reduction", "auroc")]
+            label = f"{m} ({SCORE_NAMES.get(score, score)}) - {b}" if score else f"{m} - {b}"
+            ap = _iv(_comp(result, m, b, near, "ap"), 2) if score is None else "same boxes"
+            rows.append([label, *cells, ap])
     return _table(["comparison", "near FPR95", "near FPR95 rel. reduction (%)", "near AUROC", "far FPR95",
                    "far FPR95 rel. reduction (%)", "far AUROC", "AP"], rows)
 

@@ -245,7 +245,8 @@ def _targets_lines(comparisons):
     lines = []
     for c in comparisons:
         if c["target"] is not None:
-            lines.append(f"- {c['method']} vs {c['baseline']}, {_set_name(c['ood_set'])}, "
+            lines.append(f"- {c['method']} ({c['method_score']}) vs {c['baseline']} ({c['baseline_score']}), "
+                         f"{_set_name(c['ood_set'])}, "
                          f"{METRIC_TITLES.get(c['metric'], c['metric'])} {c['target']}: {_diff_cell(c)} -> "
                          f"**{_met(c)}**")
     return lines
