@@ -17,7 +17,7 @@ from ood_det.config import load_config
 from ood_det.data.synthetic import SPLITS, generate_split, shapes_dir
 from ood_det.errors import ConfigError
 
-from conftest import run_tool
+from conftest import REPO, run_tool
 
 MAX_ITER = 4
 TINY_IMAGES = {"train": 8, "val": 24}  # every other split: 4 images; val: enough boxes to calibrate
@@ -772,3 +772,28 @@ def test_rescore_scores_the_trained_models_again_without_training(two_seeds, tin
 
         assert energy(run["rows"]) and energy(run["rows"]) == energy(old["rows"])
         assert {r["score"] for r in run["rows"]} >= {"knn", "energy", "combined"}
+
+
+def test_each_combined_score_is_paired_against_its_parts():
+    """combined - energy and combined - representation, per seed from the runs' own rows, with
+    the t interval of an independent reference; FPR95 carries the '<= 0' goal, AUROC none."""
+    res = json.loads((REPO / "docs" / "results" / "shapes_benchmark.json").read_text())
+    parts = stats.part_comparisons(res["runs"], res["configured_score"])
+    assert {(c["method"], c["score"], c["part"]) for c in parts} == {
+        ("energy_cfl", "combined", "energy"), ("energy_cfl", "combined", "representation")}
+
+    def fpr95(run, score):
+        return 100 * next(r["fpr95"] for r in run["rows"]
+                          if (r["score"], r["ood_set"], r["protocol"]) == (score, "shapes_ood", "clean"))
+
+    ecfl = sorted((r for r in res["runs"] if r["method"] == "energy_cfl"), key=lambda r: r["seed"])
+    diffs = [fpr95(r, "combined") - fpr95(r, "representation") for r in ecfl]
+    low, high = scipy_stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy_stats.sem(diffs))
+    c = next(c for c in parts if (c["part"], c["ood_set"], c["metric"]) == ("representation", "shapes_ood", "fpr95"))
+    assert c["seeds"] == [r["seed"] for r in ecfl]
+    assert c["diff_mean"] == pytest.approx(np.mean(diffs))
+    assert (c["ci95_low"], c["ci95_high"]) == pytest.approx((low, high))
+    assert c["target"] == "<= 0" and c["met"] == (high <= 0)
+    assert all(c["target"] is None for c in parts if c["metric"] == "auroc")
+    text = "\n".join(report._part_lines(parts))
+    assert "energy_cfl: combined - representation" in text and f"{c['diff_mean']:+.2f}" in text

@@ -77,6 +77,7 @@ def add_quality(result, plan, records):
     result["settings"]["quality"] = plan
     result.update(seeds=list(plan["seeds"]), runs=records, configured_score=configured,
                   rows=stats.aggregate(records, configured), comparisons=stats.comparisons(records, configured),
+                  score_parts=stats.part_comparisons(records, configured),
                   regime=plan.get("regime", "scratch"), num_classes=(plan.get("num_classes") or [None])[0],
                   trunks=trunks, convergence=convergence(records))
     return result
@@ -252,6 +253,21 @@ def _targets_lines(comparisons):
     return lines
 
 
+PART_TITLES = {"comparison": "combination - part", "ood_set": "OOD set", "diff": "difference [95% CI]",
+               "verdict": "paired t, 95%"}
+
+
+def _part_lines(parts):
+    """Each combined score against each of its parts, the same boxes scored both ways."""
+    if not parts:
+        return []
+    table = [{"comparison": f"{c['method']}: {c['score']} - {c['part']}", "ood_set": _set_name(c["ood_set"]),
+              "metric": METRIC_TITLES.get(c["metric"], c["metric"]), "diff": _diff_cell(c), "verdict": _verdict(c),
+              "target": c["target"] or "-", "met": _met(c)} for c in parts]
+    return ["### Each combined score against its parts (clean protocol, same boxes, paired by seed)", "",
+            format_metrics_table(table, percent=(), titles=PART_TITLES), ""]
+
+
 def quality_markdown(result):
     """Headline, goals, comparisons and all-scores tables of the quality part."""
     plan, rows, comps = result["settings"].get("quality"), result["rows"], result["comparisons"]
@@ -270,6 +286,7 @@ def quality_markdown(result):
         *_unknown_lines(rows),
         "### Targets (clean protocol; met only when the whole 95% interval is on the goal's side)", "",
         *(_targets_lines(comps) or ["No goal applies to these methods and OOD sets."]), "",
+        *_part_lines(result.get("score_parts") or []),
     ]
     for protocol in protocols:
         table = [_comparison_row(c) for c in comps if c["protocol"] == protocol]

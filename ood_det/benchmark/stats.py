@@ -292,3 +292,40 @@ def comparisons(runs, configured):
              for p in protocols for m, b in pairs if PAPER_SCORES.get(m, configured[m]) != configured[m]
              for s in sets for metric in _compared_metrics(p) if metric not in MAP_METRICS]
     return found + [c for c in paper if c["n_seeds"]]
+
+
+# ---------------------------------------------------------------- a combined score against its parts
+#: The scores that combine others, and their parts.
+SCORE_PARTS = {"combined": ("energy", "representation"), "knn_energy": ("energy", "knn")}
+#: The goal: a combination at least as good as each of its parts on FPR95 (combination minus part
+#: <= 0, the whole interval; on AUROC reported without a goal).
+PART_TARGET = Target("<=", 0.0, "<= 0")
+
+
+def part_comparisons(runs, configured, protocol="clean", metrics=("fpr95", "auroc")):
+    """Per method, per combined score it ran (:data:`SCORE_PARTS`) and part: the paired difference
+    combination minus part on each OOD set, the same runs' boxes scored both ways."""
+    groups = _groups(runs)
+    out = []
+    for method in configured:
+        have = {g[1] for g in groups if g[0] == method and g[3] == protocol}
+        for combo, parts in SCORE_PARTS.items():
+            if combo not in have or not set(parts) <= have:
+                continue
+            for part in parts:
+                for ood_set in _ranked(g[2] for g in groups if g[0] == method):
+                    for metric in metrics:
+                        seeds, diffs = paired_values(seed_values(runs, method, combo, ood_set, protocol, metric),
+                                                     seed_values(runs, method, part, ood_set, protocol, metric),
+                                                     metric)
+                        iv = t_interval(diffs)
+                        target = PART_TARGET if metric == "fpr95" else None
+                        out.append({
+                            "method": method, "score": combo, "part": part, "ood_set": ood_set,
+                            "protocol": protocol, "metric": metric, "diff_mean": iv.mean, "diff_sd": iv.sd,
+                            "ci95_low": iv.low, "ci95_high": iv.high, "significant": significant(iv.low, iv.high),
+                            "target": None if target is None else target.label,
+                            "met": None if target is None else target.met(iv.low, iv.high),
+                            "n_seeds": iv.n, "seeds": seeds,
+                        })
+    return out
