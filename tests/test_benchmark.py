@@ -401,7 +401,7 @@ def test_validation_evaluates_on_the_tuning_splits_only():
 def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
     plan = runs.plan_quality()
     assert plan["seeds"] == [0, 1, 2, 3, 4] and plan["schedule_scale"] == 1.0 and plan["schedule_opts"] == []
-    assert plan["config_scores"] == CONFIGURED
+    assert plan["config_scores"] == {"vanilla": "energy", "vos": "energy", "energy_cfl": "knn_energy"}
     assert plan["regime"] == "trunk" and plan["trunk_config"] == "shapes_trunk.yaml" and plan["num_classes"] == [8]
     assert plan["convergence_points"] == list(runs.CONVERGENCE_POINTS) and 0.75 in plan["convergence_points"]
     assert plan["convergence_images"] == runs.CONVERGENCE_IMAGES > 0

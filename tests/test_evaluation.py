@@ -21,7 +21,7 @@ from ood_det.evaluation.ood_evaluation import evaluate_ood
 
 
 def test_calibration_survives_save_and_load(tmp_path):
-    cfg = load_config("shapes_energy_cfl")
+    cfg = load_config("shapes_energy_cfl", ["MODEL.OOD.SCORE", "combined"])  # the kNN bank: test_knn.py
     model = build_model(cfg)
     fields = {"energy": np.array([-3.0, -1.0, -2.5, -4.0]), "msp": np.array([0.9, 0.4, 0.6, 0.8]),
               "rep_score": np.array([0.1, 0.5, 0.3, 0.9])}

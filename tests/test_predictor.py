@@ -6,6 +6,7 @@ calibration and with a hand-set one (stats and threshold taken from its own
 predictions, so that some boxes are flagged and some are not).
 """
 import json
+import math
 import os
 import shutil
 import struct
@@ -22,17 +23,21 @@ from ood_det.checkpoint import OODCheckpointer
 from ood_det.cli import visualize_ood as tool
 from ood_det.config import load_config
 from ood_det.data.synthetic import ensure_split
+from ood_det.modeling.scorer import KNN_EMBEDDING
 
 from conftest import run_tool
 
 CONFIG = "shapes_energy_cfl.yaml"
+# The tests below set thresholds on raw id scores, which a kNN score has only once calibrated: they
+# read the combined score. The checkpoint's kNN bank is filled all the same (every box gets knn).
+SCORE_OPTS = ("MODEL.OOD.SCORE", "combined")
 KEYS = {"image", "pred_boxes", "pred_classes", "class_name", "scores", "energy", "msp", "rep_score", "knn",
         "ood_score", "is_ood"}
 FIELDS = ("scores", "pred_classes", "energy", "msp", "rep_score", "ood_score", "is_ood")
 
 
 def _cfg(weights, *opts):
-    return load_config(CONFIG, ["MODEL.WEIGHTS", str(weights), *opts])
+    return load_config(CONFIG, [*SCORE_OPTS, "MODEL.WEIGHTS", str(weights), *opts])
 
 
 def _bgr(path):
@@ -57,7 +62,7 @@ def images(tmp_path_factory):
 def checkpoints(tmp_path_factory, images):
     """(uncalibrated, calibrated) checkpoint paths of one randomly initialized model."""
     out = tmp_path_factory.mktemp("model")
-    cfg = load_config(CONFIG, [])
+    cfg = load_config(CONFIG, SCORE_OPTS)
     torch.manual_seed(0)
     model = build_model(cfg)
     # Spread the class logits so that boxes' scores are far from ties.
@@ -65,14 +70,17 @@ def checkpoints(tmp_path_factory, images):
     checkpointer = OODCheckpointer(model, save_dir=str(out))
     checkpointer.save("uncalibrated")
 
-    instances = OODPredictor(_cfg(out / "uncalibrated.pth")).predict_batch(
-        [_bgr(p) for p in sorted(images.glob("*.png"))]
-    )
+    uncalibrated = OODPredictor(_cfg(out / "uncalibrated.pth"))
+    uncalibrated.model.roi_heads.box_predictor.emit_knn_embeddings = True  # what calibration banks
+    instances = uncalibrated.predict_batch([_bgr(p) for p in sorted(images.glob("*.png"))])
     conf = float(torch.cat([i.scores for i in instances]).quantile(0.25))  # drops a quarter of the boxes
     kept = [i[i.scores >= conf] for i in instances]
     scorer = model.roi_heads.box_predictor.scorer
-    scorer.fit({k: torch.cat([i.get(k) for i in kept]) for k in ("energy", "msp", "rep_score")}, conf)
-    id_scores = scorer.id_score({k: torch.cat([i.get(k) for i in kept]) for k in ("energy", "rep_score")})
+    fields = {k: torch.cat([i.get(k) for i in kept]) for k in ("energy", "msp", "rep_score")}
+    # The kept boxes' embeddings fill the kNN bank, as calibration does.
+    fields["knn"] = scorer.fill_bank(torch.cat([i.get(KNN_EMBEDDING) for i in kept]))
+    scorer.fit(fields, conf)
+    id_scores = scorer.id_score(fields)
     id_scores = id_scores.sort().values
     half = len(id_scores) // 2
     with torch.no_grad():  # between two boxes: half are flagged
@@ -193,7 +201,7 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
     proc = run_tool(
         "visualize_ood.py", "--config-file", CONFIG,
         "--input", images, images / "photo.jpg", str(images / "ood_*.png"), "--output", out,
-        "--opts", "MODEL.WEIGHTS", checkpoints[1],
+        "--opts", *SCORE_OPTS, "MODEL.WEIGHTS", checkpoints[1],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _errors(proc.stderr) == []
@@ -218,11 +226,12 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
         assert [r["is_ood"] for r in mine] == expected.is_ood.tolist()
         assert np.allclose([r["ood_score"] for r in mine], expected.ood_score.tolist(), atol=1e-5)
         assert np.allclose([r["msp"] for r in mine], expected.msp.tolist(), atol=1e-5)
+        assert np.allclose([r["knn"] for r in mine], expected.knn.tolist(), atol=1e-5)
         # The picture is enlarged, the boxes are not: they stay in the input's pixels.
         assert np.allclose([r["pred_boxes"] for r in mine], expected.pred_boxes.tensor.tolist(), atol=0.01)
     for row in rows:
         assert set(row) == KEYS
-        assert row["knn"] is None  # calibrated without a kNN score: no bank, no field
+        assert math.isfinite(row["knn"])  # the checkpoint's bank, loaded by the tool: every box has knn
         assert row["class_name"] == predictor.class_names[row["pred_classes"]]
         x0, y0, x1, y1 = row["pred_boxes"]
         assert 0 <= x0 <= x1 <= 128 and 0 <= y0 <= y1 <= 128
@@ -236,7 +245,7 @@ def test_tool_writes_one_picture_per_image_and_one_line_per_box(checkpoints, pre
 def test_threshold_option_overrides_and_uncalibrated_warns(checkpoints, images, tmp_path, capsys):
     files = [str(images / "ood_000000.png")]
     assert tool.main(["--config-file", CONFIG, "--input", *files, "--output", str(tmp_path / "a"),
-                      "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
+                      *SCORE_OPTS, "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "no OOD calibration" in err and "--threshold" in err
     rows = _read_jsonl(tmp_path / "a" / "predictions.jsonl")
@@ -246,7 +255,7 @@ def test_threshold_option_overrides_and_uncalibrated_warns(checkpoints, images, 
     id_scores = sorted(-r["ood_score"] for r in rows)
     threshold = (id_scores[len(rows) // 2 - 1] + id_scores[len(rows) // 2]) / 2
     assert tool.main(["--config-file", CONFIG, "--input", *files, "--output", str(tmp_path / "b"),
-                      "--threshold", str(threshold), "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
+                      "--threshold", str(threshold), *SCORE_OPTS, "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
     rows = _read_jsonl(tmp_path / "b" / "predictions.jsonl")
     assert all(r["is_ood"] == (-r["ood_score"] < threshold) for r in rows)
     assert 0 < sum(r["is_ood"] for r in rows) < len(rows)
@@ -255,7 +264,8 @@ def test_threshold_option_overrides_and_uncalibrated_warns(checkpoints, images, 
     confidences = sorted(r["scores"] for r in rows)
     least = (confidences[len(rows) // 2 - 1] + confidences[len(rows) // 2]) / 2
     assert tool.main(["--config-file", CONFIG, "--input", *files, "--output", str(tmp_path / "c"),
-                      "--min-confidence", str(least), "--display-size", "0", "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
+                      "--min-confidence", str(least), "--display-size", "0", *SCORE_OPTS,
+                      "MODEL.WEIGHTS", str(checkpoints[0])]) == 0
     kept = _read_jsonl(tmp_path / "c" / "predictions.jsonl")
     assert len(kept) == sum(r["scores"] >= least for r in rows) < len(rows)
     assert Image.open(tmp_path / "c" / "ood_000000.png").size == (128, 128)  # --display-size 0: the input's size
@@ -303,7 +313,7 @@ def test_bad_inputs_are_reported_one_line_each_and_the_rest_is_processed(checkpo
 
     out = tmp_path / "out"
     code = tool.main(["--config-file", CONFIG, "--input", str(bad), str(tmp_path / "missing.png"),
-                      "--output", str(out), "--batch-size", "3", "MODEL.WEIGHTS", str(checkpoints[1])])
+                      "--output", str(out), "--batch-size", "3", *SCORE_OPTS, "MODEL.WEIGHTS", str(checkpoints[1])])
     captured = capsys.readouterr()
     assert code == 1
     errors = _errors(captured.err)
@@ -323,7 +333,7 @@ def test_bad_inputs_are_reported_one_line_each_and_the_rest_is_processed(checkpo
 
 def test_max_pixels_is_configurable(checkpoints, images, tmp_path, capsys):
     code = tool.main(["--config-file", CONFIG, "--input", str(images / "photo.jpg"), "--output", str(tmp_path),
-                      "--max-pixels", "10000", "MODEL.WEIGHTS", str(checkpoints[1])])
+                      "--max-pixels", "10000", *SCORE_OPTS, "MODEL.WEIGHTS", str(checkpoints[1])])
     assert code == 1
     assert _errors(capsys.readouterr().err) == [
         f"error: {images / 'photo.jpg'}: image is 128x128 (0 megapixels), over --max-pixels 10000; "
@@ -344,7 +354,7 @@ def test_a_failure_midway_leaves_no_partial_output(checkpoints, images, tmp_path
     monkeypatch.setattr(tool, "save_picture", save_then_fail)
     with pytest.raises(KeyboardInterrupt):
         tool.main(["--config-file", CONFIG, "--input", str(images), "--output", str(tmp_path),
-                   "MODEL.WEIGHTS", str(checkpoints[1])])
+                   *SCORE_OPTS, "MODEL.WEIGHTS", str(checkpoints[1])])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ood_000000.png"]  # no predictions.jsonl, no temp
 
 
