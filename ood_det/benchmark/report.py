@@ -428,22 +428,23 @@ def cost_markdown(cost):
 
 
 def knn_cost_markdown(rows):
-    """The kNN score's exact search per bank size (``cost.knn``; absent from older files)."""
+    """The kNN scores' exact search per bank size (``cost.knn``; absent from older files)."""
     if not rows:
         return []
     mb = 2.0 ** 20
     first = rows[0]
-    lines = [f"kNN score (`MODEL.OOD.SCORE knn`): the exact search of {first['queries']} boxes' "
-             f"{first['dim']}-d embeddings for their k={first['k']}-th nearest bank row, per bank size "
-             f"(memory measured by {first['memory_method']}):", "",
-             "| bank size | seconds min / median / max | per 1000 boxes (ms, median) | bank (MiB) | "
-             "search peak (MiB) |", "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        sec = r["seconds"]
-        peak = "-" if r["search_peak_bytes"] is None else f"{r['search_peak_bytes'] / mb:.1f}"
-        lines.append(f"| {r['bank_size']} | {sec['min']:.4f} / {sec['median']:.4f} / {sec['max']:.4f} | "
-                     f"{1000 * 1000 * sec['median'] / r['queries']:.2f} | {r['bank_bytes'] / mb:.2f} | {peak} |")
-    return [*lines, ""]
+    table = [{"bank_size": r["bank_size"],
+              "seconds": "{min:.4f} / {median:.4f} / {max:.4f}".format(**r["seconds"]),
+              "per_1000": f"{1000 * 1000 * r['seconds']['median'] / r['queries']:.2f}",
+              "bank": f"{r['bank_bytes'] / mb:.2f}",
+              "peak": "-" if r["search_peak_bytes"] is None else f"{r['search_peak_bytes'] / mb:.1f}"}
+             for r in rows]
+    titles = {"bank_size": "bank size", "seconds": "seconds min / median / max",
+              "per_1000": "per 1000 boxes (ms, median)", "bank": "bank (MiB)", "peak": "search peak (MiB)"}
+    return [f"kNN scores (`MODEL.OOD.SCORE knn`, `knn_energy`): the exact search of {first['queries']} boxes' "
+            f"{first['dim']}-d embeddings for their k={first['k']}-th nearest bank row, per bank size "
+            f"(memory measured by {first['memory_method']}):", "",
+            format_metrics_table(table, percent=(), titles=titles), ""]
 
 
 def markdown(result):
