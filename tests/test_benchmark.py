@@ -778,7 +778,7 @@ def test_rescore_scores_the_trained_models_again_without_training(two_seeds, tin
 def test_each_combined_score_is_paired_against_its_parts():
     """combined - energy and combined - representation, per seed from the runs' own rows, with
     the t interval of an independent reference; FPR95 carries the '<= 0' goal, AUROC none."""
-    res = json.loads((REPO / "docs" / "results" / "shapes_benchmark.json").read_text())
+    res = json.loads((REPO / "docs/results/archive/trunk480_combined/shapes_benchmark.json").read_text())
     parts = stats.part_comparisons(res["runs"], res["configured_score"])
     assert {(c["method"], c["score"], c["part"]) for c in parts} == {
         ("energy_cfl", "combined", "energy"), ("energy_cfl", "combined", "representation")}
