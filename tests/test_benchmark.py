@@ -190,6 +190,8 @@ def hand_runs():
 
 
 CONFIGURED = {"vanilla": "energy", "vos": "energy", "energy_cfl": "combined"}
+#: The shapes configs' own scores (what runs of the real configs report).
+CONFIG_SCORES = {"vanilla": "energy", "vos": "energy", "energy_cfl": "knn_energy"}
 
 
 def _comparison(comps, method, baseline, ood_set, protocol, metric):
@@ -402,7 +404,7 @@ def test_validation_evaluates_on_the_tuning_splits_only():
 def test_plan_defaults_to_five_seeds_and_quick_keeps_one():
     plan = runs.plan_quality()
     assert plan["seeds"] == [0, 1, 2, 3, 4] and plan["schedule_scale"] == 1.0 and plan["schedule_opts"] == []
-    assert plan["config_scores"] == {"vanilla": "energy", "vos": "energy", "energy_cfl": "knn_energy"}
+    assert plan["config_scores"] == CONFIG_SCORES
     assert plan["regime"] == "trunk" and plan["trunk_config"] == "shapes_trunk.yaml" and plan["num_classes"] == [8]
     assert plan["convergence_points"] == list(runs.CONVERGENCE_POINTS) and 0.75 in plan["convergence_points"]
     assert plan["convergence_images"] == runs.CONVERGENCE_IMAGES > 0
@@ -568,7 +570,7 @@ def test_json_has_every_documented_key(bench):
     assert res["files"] == {"json": f"{STEM}.json", "markdown": f"{STEM}.md", "chart": f"{STEM}.png",
                             "unknowns_chart": f"{STEM}_unknowns.png", "convergence_chart": f"{STEM}_convergence.png"}
     assert (out / "progress.json").is_file() and not (out / f"{STEM}.json").exists()
-    assert res["configured_score"] == CONFIGURED
+    assert res["configured_score"] == CONFIG_SCORES
     assert set(res["cost"]) == COST_KEYS
     for key in ("train_step", "inference"):
         pair = res["cost"][key]
@@ -718,7 +720,7 @@ def test_trunk_regime_end_to_end_one_trunk_per_seed_and_a_convergence_record(two
         assert [p["fraction"] for p in run["convergence"]] == [0.5, 1.0]
         assert [p["iter"] for p in run["convergence"]] == [MAX_ITER // 2, MAX_ITER]
         final = run["convergence"][-1]
-        assert all(r["protocol"] == "clean" and r["score"] == CONFIGURED[run["method"]] for r in final["rows"])
+        assert all(r["protocol"] == "clean" and r["score"] == CONFIG_SCORES[run["method"]] for r in final["rows"])
         run_dir = out / run["output_dir"]
         for n in (MAX_ITER // 2, MAX_ITER):
             point = run_dir / "convergence" / f"iter_{n}"

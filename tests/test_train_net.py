@@ -17,6 +17,7 @@ from reliability_runner import SIZES
 
 FAST = [
     "MODEL.OOD.TRUNK.CONFIG", "",  # from scratch: the trunk regime has its own tests (test_trunk.py)
+    "MODEL.OOD.KNN_K", "2",  # the configured knn_energy score, on the few calibration boxes of tiny splits
     "SOLVER.IMS_PER_BATCH", "4",  # 8 classes: every queue fills before START_ITER
     "SOLVER.MAX_ITER", "6",
     "SOLVER.WARMUP_ITERS", "1",
@@ -37,7 +38,7 @@ RESULT_KEYS = {"id_test_set", "map", "calibration", "conf_thresholds", "rows", "
                "record_file", "unreadable_images", "diagnostics", "max_images"}
 ROW_KEYS = {"ood_set", "protocol", "score", "conf_threshold", "fpr95", "auroc", "aupr_in", "aupr_out", "num_id",
             "num_ood"}
-SCORES = ("energy", "msp", "representation", "combined")
+SCORES = ("energy", "msp", "representation", "combined", "knn", "knn_energy")
 
 
 def run_cli(*args, data_root):
@@ -75,7 +76,7 @@ def test_results_json_table_and_plots(trained):
     results = json.loads((out / "ood_results.json").read_text())
     assert set(results) == RESULT_KEYS
     assert results["id_test_set"] == "tiny_test" and results["calibration"]["datasets"] == ["tiny_val"]
-    assert results["calibration"]["score"] == "combined" and results["calibration"]["calibrated"]
+    assert results["calibration"]["score"] == "knn_energy" and results["calibration"]["calibrated"]
     combos = {(r["ood_set"], r["protocol"], r["score"]) for r in results["rows"]}
     assert combos == {(o, p, s) for o in ("tiny_ood", "tiny_ood_far") for p in ("clean", "published") for s in SCORES}
     for row in results["rows"]:
@@ -111,11 +112,12 @@ def test_json_metrics_equal_a_recomputation_from_the_saved_scores(trained):
     def id_score(f, score):
         ne = (-f["energy"] - cal["neg_energy_mean"]) / cal["neg_energy_std"]
         rep = (f["rep_score"] - cal["rep_score_mean"]) / cal["rep_score_std"]
+        knn = (f["knn"] - cal["knn_mean"]) / cal["knn_std"]
         return {"energy": ne, "msp": (f["msp"] - cal["msp_mean"]) / cal["msp_std"], "representation": rep,
-                "combined": ne + cal["rep_weight"] * rep}[score]
+                "combined": ne + cal["rep_weight"] * rep, "knn": knn, "knn_energy": ne + cal["knn_weight"] * knn}[score]
 
     id_file = np.load(out / "ood_scores_tiny_test.npz")
-    assert np.allclose(id_file["id_score"], id_score(id_file, "combined"), atol=1e-4)
+    assert np.allclose(id_file["id_score"], id_score(id_file, cal["score"]), atol=1e-4)
     checked = 0
     for row in results["rows"]:
         ood_file = np.load(out / f"ood_scores_{row['ood_set']}.npz")
