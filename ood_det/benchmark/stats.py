@@ -260,15 +260,19 @@ def compare(runs, method, baseline, configured, ood_set, protocol, metric, metho
     seeds, diffs = paired_values(
         seed_values(runs, method, method_score, ood_set, protocol, measured),
         seed_values(runs, baseline, configured[baseline], ood_set, protocol, measured), metric)
-    iv = t_interval(diffs)
-    target = target_for(method, baseline, ood_set, protocol, metric)
     return {
         "method": method, "baseline": baseline, "method_score": method_score,
         "baseline_score": configured[baseline], "ood_set": ood_set, "protocol": protocol, "metric": metric,
-        "diff_mean": iv.mean, "diff_sd": iv.sd, "ci95_low": iv.low, "ci95_high": iv.high,
-        "significant": significant(iv.low, iv.high), "target": None if target is None else target.label,
-        "met": None if target is None else target.met(iv.low, iv.high), "n_seeds": iv.n, "seeds": seeds,
+        **_interval_fields(seeds, diffs, target_for(method, baseline, ood_set, protocol, metric)),
     }
+
+
+def _interval_fields(seeds, diffs, target):
+    """A paired difference's mean, sd, t interval, significance and goal (``target``: or None)."""
+    iv = t_interval(diffs)
+    return {"diff_mean": iv.mean, "diff_sd": iv.sd, "ci95_low": iv.low, "ci95_high": iv.high,
+            "significant": significant(iv.low, iv.high), "target": None if target is None else target.label,
+            "met": None if target is None else target.met(iv.low, iv.high), "n_seeds": iv.n, "seeds": seeds}
 
 
 def _compared_metrics(protocol):
@@ -318,14 +322,8 @@ def part_comparisons(runs, configured, protocol="clean", metrics=("fpr95", "auro
                         seeds, diffs = paired_values(seed_values(runs, method, combo, ood_set, protocol, metric),
                                                      seed_values(runs, method, part, ood_set, protocol, metric),
                                                      metric)
-                        iv = t_interval(diffs)
                         target = PART_TARGET if metric == "fpr95" else None
-                        out.append({
-                            "method": method, "score": combo, "part": part, "ood_set": ood_set,
-                            "protocol": protocol, "metric": metric, "diff_mean": iv.mean, "diff_sd": iv.sd,
-                            "ci95_low": iv.low, "ci95_high": iv.high, "significant": significant(iv.low, iv.high),
-                            "target": None if target is None else target.label,
-                            "met": None if target is None else target.met(iv.low, iv.high),
-                            "n_seeds": iv.n, "seeds": seeds,
-                        })
+                        out.append({"method": method, "score": combo, "part": part, "ood_set": ood_set,
+                                    "protocol": protocol, "metric": metric,
+                                    **_interval_fields(seeds, diffs, target)})
     return out
