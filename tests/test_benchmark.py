@@ -664,6 +664,31 @@ def test_markdown_chart_and_printed_tables(bench):
     assert "## Quality" in stdout and "## Cost" in stdout
 
 
+def test_chart_names_each_bar_and_keeps_its_width_with_many_scores(tmp_path):
+    """Ten scores per OOD set (the full run's count) stay readable: each bar is named on its axis
+    (no colour cycle to decode), the configured score is starred, the paper's score said so, and the
+    picture keeps a page's width however many scores there are."""
+    from PIL import Image
+
+    combos = [("vanilla", "energy"), ("vanilla", "msp"), ("vos", "energy"), ("energy_cfl", "energy"),
+              ("energy_cfl", "representation"), ("energy_cfl", "combined"), ("energy_cfl", "knn"),
+              ("energy_cfl", "knn_energy")]
+    configured = {"vanilla": "energy", "vos": "energy", "energy_cfl": "knn_energy"}
+    labels = report.chart_labels(combos, configured)
+    assert labels[0] == "vanilla / energy *" and labels[1] == "vanilla / msp"
+    assert labels[5] == "energy_cfl / combined (paper)" and labels[7] == "energy_cfl / knn_energy *"
+    assert len(set(labels)) == len(labels)
+    widths = []
+    for n in (3, len(combos)):
+        rows = [{"protocol": "clean", "method": m, "score": sc, "ood_set": ood, "fpr95_mean": 80.0,
+                 "fpr95_std": 2.0, "auroc_mean": 70.0, "auroc_std": 1.0}
+                for m, sc in combos[:n] for ood in ("shapes_ood", "shapes_ood_far")]
+        path = tmp_path / f"chart{n}.png"
+        report.plot_chart(rows, path, 5, configured)
+        widths.append(Image.open(path).size[0])
+    assert widths[0] == widths[1] <= 1400
+
+
 def test_reuse_and_a_second_seed_give_paired_intervals(two_seeds, bench):
     out, res, stdout = two_seeds
     assert [(r["method"], r["seed"], r["reused"]) for r in res["runs"]] == [

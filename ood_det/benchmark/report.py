@@ -464,34 +464,59 @@ def markdown(result):
 
 
 # ---------------------------------------------------------------- chart
-def plot_chart(rows, path, num_seeds):
-    """FPR95 and AUROC (clean protocol) per method x score, grouped by OOD set, sd error bars."""
+def chart_labels(combos, configured):
+    """The chart's name of each (method, score): the seed paper's own score says so, a configured
+    score (``configured``: method -> score) carries a star."""
+    return [f"{m} / {s}" + (" (paper)" if stats.PAPER_SCORES.get(m) == s else "")
+            + (" *" if configured.get(m) == s else "") for m, s in combos]
+
+
+def plot_chart(rows, path, num_seeds, configured=None):
+    """FPR95 and AUROC (clean protocol) per method x score, one panel per OOD set and metric.
+
+    Bars lie horizontally, each named on its axis, so that any number of scores stays readable:
+    the colour tells the method, a configured score (``configured``: method -> score) is marked
+    with a star and drawn with a hatch, the seed paper's own score is named, and each bar carries its
+    mean; whiskers are the sd over seeds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    configured = configured or {}
     rows = [r for r in rows if r["protocol"] == "clean"]
     sets = list(dict.fromkeys(r["ood_set"] for r in rows))
     combos = list(dict.fromkeys((r["method"], r["score"]) for r in rows))
+    methods = list(dict.fromkeys(m for m, _ in combos))
+    colour = {m: OKABE_ITO[i % len(OKABE_ITO)] for i, m in enumerate(methods)}
     by_key = {(r["method"], r["score"], r["ood_set"]): r for r in rows}
-    width = 0.8 / max(1, len(combos))
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.9 * len(combos) * len(sets) * 2, 4.2))
-    for ax, key, title in zip(axes, ("fpr95", "auroc"), ("FPR95 (%), lower is better", "AUROC (%), higher is better")):
-        for i, (method, score) in enumerate(combos):
-            found = [by_key.get((method, score, s), {}) for s in sets]
-            x = np.arange(len(sets)) + (i - (len(combos) - 1) / 2) * width
-            ax.bar(x, [r.get(f"{key}_mean") or 0.0 for r in found], width,
-                   yerr=[r.get(f"{key}_std") or 0.0 for r in found], capsize=3,
-                   color=OKABE_ITO[i % len(OKABE_ITO)], hatch=HATCHES[i % len(HATCHES)], edgecolor="black",
-                   linewidth=0.6, label=f"{method} / {score}")
-        ax.set_xticks(np.arange(len(sets)))
-        ax.set_xticklabels([_set_name(s) for s in sets])
-        ax.set_ylim(0, 105)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Clean protocol, mean ± sd over {num_seeds} seed(s)")
+    y = np.arange(len(combos))[::-1]
+    labels = chart_labels(combos, configured)
+    fig, axes = plt.subplots(len(sets), 2, figsize=(11, 0.8 + 0.32 * len(combos) * len(sets)), squeeze=False,
+                             sharey=True)
+    for row_axes, ood_set in zip(axes, sets):
+        for ax, key, title in zip(row_axes, ("fpr95", "auroc"), ("FPR95 (%), lower is better",
+                                                                  "AUROC (%), higher is better")):
+            found = [by_key.get((m, s, ood_set), {}) for m, s in combos]
+            means = [r.get(f"{key}_mean") for r in found]
+            bars = ax.barh(y, [v or 0.0 for v in means], 0.7, xerr=[r.get(f"{key}_std") or 0.0 for r in found],
+                           capsize=2, color=[colour[m] for m, _ in combos], edgecolor="black", linewidth=0.6,
+                           hatch=None, error_kw={"elinewidth": 0.8})
+            for bar, (m, s) in zip(bars, combos):
+                if configured.get(m) == s:
+                    bar.set_hatch("//")
+            for yy, v in zip(y, means):
+                if v is not None:
+                    ax.text(1.5, yy, f"{v:.1f}", va="center", ha="left", fontsize=7,
+                            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5, "alpha": 0.8})
+            ax.set_xlim(0, 105)
+            ax.set_title(f"{_set_name(ood_set)}: {title}", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+        row_axes[0].set_yticks(y)
+        row_axes[0].set_yticklabels(labels, fontsize=8)
+    note = "; * configured score (hatched)" if configured else ""
+    fig.suptitle(f"Clean protocol, mean ± sd over {num_seeds} seed(s){note}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     plt.close(fig)
@@ -604,7 +629,8 @@ def write_results(result, folder, stem):
     folder, names = Path(folder), file_names(stem)
     result["files"] = {"json": names["json"], "markdown": names["markdown"], "chart": None, "unknowns_chart": None}
     if result["rows"]:
-        plot_chart(result["rows"], folder / names["chart"], len(result["seeds"]))
+        plot_chart(result["rows"], folder / names["chart"], len(result["seeds"]),
+                   result.get("configured_score"))
         result["files"]["chart"] = names["chart"]
     if unknown_rows(result["rows"]):
         plot_unknowns(unknown_rows(result["rows"]), folder / names["unknowns_chart"], len(result["seeds"]))
