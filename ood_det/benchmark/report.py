@@ -502,7 +502,7 @@ def plot_chart(rows, path, num_seeds, configured=None):
             means = [r.get(f"{key}_mean") for r in found]
             bars = ax.barh(y, [v or 0.0 for v in means], 0.7, xerr=[r.get(f"{key}_std") or 0.0 for r in found],
                            capsize=2, color=[colour[m] for m, _ in combos], edgecolor="black", linewidth=0.6,
-                           hatch=None, error_kw={"elinewidth": 0.8})
+                           error_kw={"elinewidth": 0.8})
             for bar, (m, s) in zip(bars, combos):
                 if configured.get(m) == s:
                     bar.set_hatch("//")
