@@ -334,7 +334,10 @@ class VirtualOutlierSynthesizer(nn.Module):
         # What sampling fits to the queues (here: means, Cholesky factor), refitted every refit_period writes.
         self._fit_cache = None
         self._writes_since_fit = 0
-        self._host = None  # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed
+        # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed.
+        # The queues start empty, wherever their buffers were made: nothing to read.
+        empty = torch.zeros(num_classes, dtype=torch.long, device="cpu")
+        self._remember(empty, empty.clone())
         self._announced = set()  # status lines already logged: "waiting", "started"
 
     @classmethod
