@@ -306,6 +306,7 @@ class OODCheckpointer(DetectionCheckpointer):
             if not state:
                 raise CheckpointError(f"checkpoint {getattr(self, '_loading', '?')} holds no "
                                       f"{', '.join(self.only_prefixes)} entries to start from")
+            self._check_trunk_fits(state)
             keep += tuple(k for k in self.model.state_dict() if not _strip(k).startswith(self.only_prefixes))
         if self.inference_only:
             keep += (TRAINING_ONLY,)
@@ -328,6 +329,23 @@ class OODCheckpointer(DetectionCheckpointer):
             missing = [k for k in incompatible.missing_keys if not _strip(k).startswith(keep)]
             incompatible = incompatible._replace(missing_keys=missing)
         return incompatible
+
+    def _check_trunk_fits(self, state) -> None:
+        """A trunk's parts must be this model's parts: an entry of another shape, or one the trunk
+        lacks, would leave that part freshly initialized where the config says it is the trunk's."""
+        own = {_strip(k): v for k, v in self.model.state_dict().items() if _strip(k).startswith(self.only_prefixes)}
+        theirs = {_strip(k): v for k, v in state.items()}
+        bad = [f"{k}: trunk {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
+               for k, v in own.items() if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+        bad += [f"{k}: not in the trunk" for k in own if k not in theirs]
+        if bad:
+            shown = "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise CheckpointError(
+                f"trunk {getattr(self, '_loading', '?')} does not fit this model's "
+                f"{', '.join(p.rstrip('.') for p in self.only_prefixes)} ({shown}): the trunk was trained "
+                "with another architecture. Give the trunk the same setting through MODEL.OOD.TRUNK.OPTS, "
+                "e.g. MODEL.OOD.TRUNK.OPTS \"['MODEL.ROI_BOX_HEAD.FC_DIM', '1024']\" beside "
+                "MODEL.ROI_BOX_HEAD.FC_DIM 1024, or leave that part out of MODEL.OOD.TRUNK.PARTS")
 
     def _box_predictor(self):
         model = getattr(self.model, "module", self.model)

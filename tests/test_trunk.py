@@ -148,6 +148,20 @@ def test_interrupted_training_leaves_no_trunk_that_looks_finished(tmp_path, monk
     assert not trunk.trunk_path(cfg)[2].exists()
 
 
+def _tiny_trunk_cfg(tmp_path, *opts, trunk_opts=""):
+    """A method config on a real (tiny) trunk of 2 iterations, trained on 4 images."""
+    from ood_det.data.synthetic import register_shapes_splits
+
+    sizes = {"train": 4, "val": 4, "test": 4, "ood": 4, "ood_far": 4, "tune": 4, "ood_tune": 4}
+    register_shapes_splits("trunktiny", root=tmp_path / "data", sizes=sizes)
+    trunk_list = TINY_TRUNK[:-1] + ", 'DATASETS.TRAIN', \"('trunktiny_train',)\"" + trunk_opts + "]"
+    return load_config("shapes_energy_cfl.yaml", [
+        "MODEL.OOD.TRUNK.CACHE_DIR", str(tmp_path / "trunks"), "MODEL.OOD.TRUNK.OPTS", trunk_list,
+        "DATASETS.TRAIN", "('trunktiny_train',)", "DATASETS.TEST", "()", "DATASETS.OOD_TEST", "()",
+        "DATASETS.OOD_CALIBRATION", "()", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", str(tmp_path / "run"), *opts])
+
+
 @pytest.mark.parametrize("parts", [None, "['backbone', 'proposal_generator']"])
 def test_model_starts_from_the_trunks_parts_with_a_fresh_predictor(tmp_path, parts):
     """A real (tiny) trunk: the method's backbone, RPN and (by default) box head are the trunk's;
@@ -155,15 +169,7 @@ def test_model_starts_from_the_trunks_parts_with_a_fresh_predictor(tmp_path, par
     from ood_det.checkpoint import OODCheckpointer
     from ood_det.engine import Trainer
 
-    sizes = {"train": 4, "val": 4, "test": 4, "ood": 4, "ood_far": 4, "tune": 4, "ood_tune": 4}
-    from ood_det.data.synthetic import register_shapes_splits
-
-    register_shapes_splits("trunktiny", root=tmp_path / "data", sizes=sizes)
-    opts = ["MODEL.OOD.TRUNK.OPTS", TINY_TRUNK[:-1] + ", 'DATASETS.TRAIN', \"('trunktiny_train',)\"]",
-            "DATASETS.TRAIN", "('trunktiny_train',)", "DATASETS.TEST", "()", "DATASETS.OOD_TEST", "()",
-            "DATASETS.OOD_CALIBRATION", "()", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-            "OUTPUT_DIR", str(tmp_path / "run"), *(["MODEL.OOD.TRUNK.PARTS", parts] if parts else [])]
-    cfg = load_config("shapes_energy_cfl.yaml", ["MODEL.OOD.TRUNK.CACHE_DIR", str(tmp_path / "trunks"), *opts])
+    cfg = _tiny_trunk_cfg(tmp_path, *(["MODEL.OOD.TRUNK.PARTS", parts] if parts else []))
     path = trunk.ensure_trunk(cfg)
     saved = torch.load(path, weights_only=True)["model"]
     torch.manual_seed(123)
@@ -194,3 +200,22 @@ def test_trunk_parts_must_name_model_parts(tmp_path):
     assert trunk.trunk_prefixes(method_cfg(tmp_path)) == ("backbone.", "proposal_generator.", "roi_heads.box_head.")
     with pytest.raises(ConfigError, match="TRUNK.PARTS"):
         trunk.trunk_prefixes(method_cfg(tmp_path, "MODEL.OOD.TRUNK.PARTS", "['']"))
+
+
+def test_a_trunk_of_another_box_head_width_is_refused_naming_the_trunk_opts(tmp_path):
+    """A method whose box head is wider than its trunk's would start that head fresh, silently:
+    it is refused, with the setting that trains a trunk of its width; given it, the model loads."""
+    from ood_det.checkpoint import CheckpointError
+    from ood_det.engine import Trainer
+
+    wide = _tiny_trunk_cfg(tmp_path, "MODEL.ROI_BOX_HEAD.FC_DIM", "64")
+    with pytest.raises(CheckpointError, match=r"box_head.fc1.weight: trunk \(256, .*\) vs model \(64, .*"
+                       r"MODEL.OOD.TRUNK.OPTS"):
+        Trainer(wide).resume_or_load(resume=False)
+    fitted = _tiny_trunk_cfg(tmp_path, "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+                             trunk_opts=", 'MODEL.ROI_BOX_HEAD.FC_DIM', '64'")
+    trainer = Trainer(fitted)
+    trainer.resume_or_load(resume=False)
+    saved = torch.load(trunk.trunk_path(fitted)[2], weights_only=True)["model"]
+    key = "roi_heads.box_head.fc1.weight"
+    assert torch.equal(trainer.model.state_dict()[key], saved[key])
