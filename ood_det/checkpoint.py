@@ -78,13 +78,14 @@ def holds_box_predictor(state) -> bool:
     return any(PREDICTOR in k or _C2_PREDICTOR.match(k) for k in state)
 
 
-def mismatched_predictor_keys(model_state, ckpt_state):
-    """[(key, checkpoint shape, model shape)] of box-predictor entries whose shapes differ."""
+def mismatched_keys(model_state, ckpt_state, prefixes=(PREDICTOR,)):
+    """[(key, checkpoint shape, model shape)] of the entries under ``prefixes`` (default: the box
+    predictor's) whose shapes differ."""
     model_state = {_strip(k): v for k, v in model_state.items()}
     out = []
     for key, value in ckpt_state.items():
         key = _strip(key)
-        if key.startswith(PREDICTOR) and key in model_state and hasattr(value, "shape"):
+        if key.startswith(tuple(prefixes)) and key in model_state and hasattr(value, "shape"):
             if tuple(value.shape) != tuple(model_state[key].shape):
                 out.append((key, tuple(value.shape), tuple(model_state[key].shape)))
     return out
@@ -306,15 +307,16 @@ class OODCheckpointer(DetectionCheckpointer):
             if not state:
                 raise CheckpointError(f"checkpoint {getattr(self, '_loading', '?')} holds no "
                                       f"{', '.join(self.only_prefixes)} entries to start from")
-            self._check_trunk_fits(state)
-            keep += tuple(k for k in self.model.state_dict() if not _strip(k).startswith(self.only_prefixes))
+            model_state = self.model.state_dict()
+            self._check_trunk_fits(state, model_state)
+            keep += tuple(k for k in model_state if not _strip(k).startswith(self.only_prefixes))
         if self.inference_only:
             keep += (TRAINING_ONLY,)
             for key in [k for k in state if _strip(k).startswith(TRAINING_ONLY)]:
                 del state[key]
         _size_data_buffers(self.model, state)
         if is_ood_checkpoint(state):
-            bad = mismatched_predictor_keys(self.model.state_dict(), state)
+            bad = mismatched_keys(self.model.state_dict(), state)
             if bad:
                 listed = "; ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in bad)
                 raise CheckpointError(
@@ -330,14 +332,13 @@ class OODCheckpointer(DetectionCheckpointer):
             incompatible = incompatible._replace(missing_keys=missing)
         return incompatible
 
-    def _check_trunk_fits(self, state) -> None:
+    def _check_trunk_fits(self, state, model_state) -> None:
         """A trunk's parts must be this model's parts: an entry of another shape, or one the trunk
         lacks, would leave that part freshly initialized where the config says it is the trunk's."""
-        own = {_strip(k): v for k, v in self.model.state_dict().items() if _strip(k).startswith(self.only_prefixes)}
-        theirs = {_strip(k): v for k, v in state.items()}
-        bad = [f"{k}: trunk {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
-               for k, v in own.items() if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
-        bad += [f"{k}: not in the trunk" for k in own if k not in theirs]
+        bad = [f"{k}: trunk {a} vs model {b}" for k, a, b in mismatched_keys(model_state, state, self.only_prefixes)]
+        theirs = {_strip(k) for k in state}
+        bad += [f"{k}: not in the trunk" for k in map(_strip, model_state)
+                if k.startswith(self.only_prefixes) and k not in theirs]
         if bad:
             shown = "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
             raise CheckpointError(
