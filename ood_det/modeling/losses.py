@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scores import cosine_similarities, rep_score
+from .scores import cosine_similarities, rep_score_of
 
 
 def _zero_in_graph(*tensors: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,14 @@ def cfl_loss(
     Returns:
         Scalar loss, or (M,) with ``reduction="none"``.
     """
-    logits = cosine_similarities(embeddings, centers) / tau
+    return cfl_loss_of(cosine_similarities(embeddings, centers), labels, tau, gamma, reduction)
+
+
+def cfl_loss_of(
+    similarities: torch.Tensor, labels: torch.Tensor, tau: float = 0.1, gamma: float = 2.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """:func:`cfl_loss` from the members' (M, K) :func:`cosine_similarities` to the centers."""
+    logits = similarities / tau
     log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
     per_member = -((1.0 - log_p.exp()) ** gamma) * log_p
     if reduction == "none":
@@ -167,7 +174,12 @@ def rep_outlier_loss(out_embeddings: torch.Tensor, centers: torch.Tensor, margin
     Returns:
         Scalar loss, 0 in graph when P = 0.
     """
-    excess = F.relu(rep_score(out_embeddings, centers) - margin).pow(2)
+    return rep_outlier_loss_of(cosine_similarities(out_embeddings, centers), margin)
+
+
+def rep_outlier_loss_of(similarities: torch.Tensor, margin: float) -> torch.Tensor:
+    """:func:`rep_outlier_loss` from the outliers' (P, K) :func:`cosine_similarities` to the centers."""
+    excess = F.relu(rep_score_of(similarities) - margin).pow(2)
     if excess.numel() == 0:
         return _zero_in_graph(excess)
     return excess.mean()

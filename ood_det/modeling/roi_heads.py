@@ -34,9 +34,9 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from .losses import EnergyLogistic, cfl_loss, energy_loss_logistic, energy_loss_margin, rep_outlier_loss
+from .losses import EnergyLogistic, cfl_loss_of, energy_loss_logistic, energy_loss_margin, rep_outlier_loss_of
 from .scorer import KNN_EMBEDDING, OODScorer
-from .scores import energy, foreground_logits
+from .scores import cosine_similarities, energy, foreground_logits
 from .synthesizer import VirtualOutlierSynthesizer, build_synthesizer, host_to_device
 
 logger = logging.getLogger(__name__)
@@ -207,9 +207,13 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         out_features = self._synthesize(fg_features, fg_labels_host)
         ood = {"loss_energy": self._energy_loss(logits.index_select(0, fg), self.cls_score(out_features))}
         if self.mode == "energy_cfl":
-            emb_in, emb_out = self.embeddings(fg_features), self.embeddings(out_features)
-            ood["loss_cfl"] = cfl_loss(emb_in, fg_labels, self.centers, self.cfl_tau, self.cfl_gamma)
-            ood["loss_rep_out"] = rep_outlier_loss(emb_out, self.centers, self.rep_out_margin)
+            # Members and outliers in one embedding pass and one similarity matrix (the embeddings
+            # are unit vectors already): a third of the kernels of two passes, forward and backward.
+            embeddings = self.embeddings(torch.cat([fg_features, out_features]))
+            sims = cosine_similarities(embeddings, self.centers, unit=True)
+            sims_in, sims_out = sims.split([len(fg_features), len(out_features)])
+            ood["loss_cfl"] = cfl_loss_of(sims_in, fg_labels, self.cfl_tau, self.cfl_gamma)
+            ood["loss_rep_out"] = rep_outlier_loss_of(sims_out, self.rep_out_margin)
         # A weight of 1 multiplies nothing: a kernel less, forward and backward.
         losses.update({k: v if self.loss_weights[k] == 1.0 else v * self.loss_weights[k] for k, v in ood.items()})
         return losses

@@ -73,18 +73,22 @@ def msp(logits_fg: torch.Tensor) -> torch.Tensor:
     return F.softmax(_at_least_float32(logits_fg), dim=-1).max(dim=-1).values
 
 
-def cosine_similarities(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+def cosine_similarities(embeddings: torch.Tensor, centers: torch.Tensor, unit: bool = False) -> torch.Tensor:
     """
     Cosine similarity of every embedding to every class center.
 
     Args:
-        embeddings: (R, E), normalized here (need not be unit length).
+        embeddings: (R, E), normalized here (need not be unit length) unless ``unit``.
         centers: (K, E), normalized here.
+        unit: the embeddings already have unit length (as the head's embeddings do): they are
+            not normalized again, which spares a norm and its backward.
 
     Returns:
         (R, K) similarities in [-1, 1].
     """
-    emb = F.normalize(_at_least_float32(embeddings), dim=-1)
+    emb = _at_least_float32(embeddings)
+    if not unit:
+        emb = F.normalize(emb, dim=-1)
     return emb @ F.normalize(centers.to(emb.dtype), dim=-1).t()
 
 
@@ -99,7 +103,12 @@ def rep_score(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     Returns:
         (R,) scores in [-1, 1].
     """
-    return cosine_similarities(embeddings, centers).max(dim=-1).values
+    return rep_score_of(cosine_similarities(embeddings, centers))
+
+
+def rep_score_of(similarities: torch.Tensor) -> torch.Tensor:
+    """:func:`rep_score` from the (R, K) :func:`cosine_similarities` of the boxes to the centers."""
+    return similarities.max(dim=-1).values
 
 
 #: The most similarities :func:`knn_distance` holds at once (64 MiB in float32).
