@@ -220,22 +220,30 @@ def cuda_peak_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device)
 
 
+def train_stepper(cfg, s, device, models):
+    """``step(model, seed)``: one training step (forward, backward, optimizer step) of any of
+    ``models`` on the same fixed batch, each with its own optimizer."""
+    batch = synthetic_batch(s["batch"], s["image_size"], s["num_classes"], 1, device)
+    optimizers = {id(m): build_optimizer(cfg, m) for m in models}
+
+    def step(model, seed):
+        torch.manual_seed(seed)  # same proposal sampling in every model
+        losses = model(batch)
+        opt = optimizers[id(model)]
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+
+    return step
+
+
 # ---------------------------------------------------------------- the four measurements
 def measure_train_step(baseline_model, ood_model, cfg, s, device):
     """Seconds per training step of both detectors, outlier synthesis active in ``ood_model``."""
     start_iter = int(cfg.MODEL.OOD.START_ITER)
     synth = ood_model.roi_heads.box_predictor.synthesizer
     prefill(synth)
-    batch = synthetic_batch(s["batch"], s["image_size"], s["num_classes"], 1, device)
-    optimizers = {id(m): build_optimizer(cfg, m) for m in (baseline_model, ood_model)}
-
-    def step(model, seed):
-        torch.manual_seed(seed)  # same proposal sampling in both models
-        losses = model(batch)
-        opt = optimizers[id(model)]
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        opt.step()
+    step = train_stepper(cfg, s, device, (baseline_model, ood_model))
 
     # Each repeat covers whole refit periods, so that every repeat pays the same share of refits.
     period = synth.refit_period

@@ -12,7 +12,11 @@ not hide the others; about 5 minutes on one H100):
    evaluated (``tools/train_net.py MODEL.DEVICE cuda``);
 3. ``tools/visualize_ood.py`` on a few images with that model;
 4. the cost benchmark on the GPU (``tools/benchmark.py --skip-quality --device cuda``);
-5. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
+5. ``torch.profiler`` over one refit period of training steps of the cost models (plain and
+   OOD head, :mod:`ood_det.benchmark.profile`): kernel launches, host waits and device time per
+   step, the OOD head's parts, and the operators it adds (``profile.md``, ``profile.json`` and
+   Chrome traces under ``profile/``);
+6. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
    800-pixel images, random weights, learning rate 0), in full and mixed precision,
    for the wall-time estimates of the README.
 
@@ -108,6 +112,20 @@ def cost_step(out, device):
     return result
 
 
+def profile_step(out, device):
+    """Step 5: the profile's tables go to ``<out>/profile.md`` and ``.json``; the summary keeps the
+    per-step counts of both models, the OOD head's parts and the ten operators it adds most time to."""
+    from ood_det.benchmark.cost import cost_settings
+    from ood_det.benchmark.profile import MODELS, profile_train_step, write_profile
+
+    start = time.perf_counter()
+    result = profile_train_step(cost_settings("full"), device, trace_dir=out / "profile")
+    write_profile(result, out)
+    return {"passed": True, "seconds": round(time.perf_counter() - start, 1), "steps": result["steps"],
+            "per_step": {m: result["models"][m]["per_step"] for m in MODELS}, "added": result["added"],
+            "parts": result["models"][MODELS[1]]["parts"], "added_ops": result["added_ops"][:10]}
+
+
 def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10):
     """ms per training step of a real config's detector on random 800-pixel images, full and mixed
     precision, and the peak GPU memory; random weights and learning rate 0 (timing only)."""
@@ -173,7 +191,9 @@ def estimates(step):
 
 
 def markdown(summary):
-    t, tr, vi, co, rc = (summary.get(k, {}) for k in ("tests", "train", "visualize", "cost", "real_config"))
+    t, tr, vi, co, pr, rc = (summary.get(k, {}) for k in ("tests", "train", "visualize", "cost", "profile",
+                                                           "real_config"))
+    added = pr.get("added") or {}
     ood = "; ".join(f"{name} FPR95 {100 * m['fpr95']:.1f} / AUROC {100 * m['auroc']:.1f}"
                     for name, m in tr.get("ood", {}).items() if m["fpr95"] is not None)
     peak = co.get("peak_gpu_memory_bytes") or {}
@@ -189,6 +209,11 @@ def markdown(summary):
         f"{_num(co.get('train_step_ratio'), 3)}x, inference {_num(co.get('inference_ratio'), 3)}x of "
         f"StandardROIHeads; synthesis {_num(co.get('synthesis_speedup'), 0)}x faster than brute force; peak GPU "
         f"memory {json.dumps(peak)}",
+        f"- profile ({pr.get('steps')} training steps per model): {'passed' if pr.get('passed') else 'FAILED'}; "
+        f"the OOD head adds {_num(added.get('kernel_launches'), 0)} kernel launches, "
+        f"{_num(added.get('host_waits'), 0)} host waits and {_num(added.get('device_busy_ms'), 2)} ms of device "
+        f"time per step; most added time: {', '.join(r['op'] for r in (pr.get('added_ops') or [])[:3]) or '-'} "
+        f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}",
         f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
         f" ms ({rc.get('amp_peak_mem_mib')} MiB)",
@@ -225,13 +250,17 @@ def main(argv=None):
     summary["visualize"] = visualize_step(out, run_dir, args.device)
     summary["cost"] = cost_step(out, args.device)
     try:
+        summary["profile"] = profile_step(out, args.device)
+    except (RuntimeError, ValueError) as e:
+        summary["profile"] = {"passed": False, "error": " ".join(str(e).split())[:300]}
+    try:
         summary["real_config"] = dict(real_config_step(args.device), passed=True)
         summary["estimates"] = estimates(summary["real_config"])
     except (RuntimeError, ValueError) as e:  # e.g. out of memory on a small GPU
         summary["real_config"] = {"passed": False, "error": " ".join(str(e).split())[:300]}
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     summary["all_passed"] = all(summary[k].get("passed") for k in ("tests", "train", "visualize", "cost",
-                                                                     "real_config"))
+                                                                     "profile", "real_config"))
     atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2))
     text = markdown(summary)
     atomic_write(out / "summary.md", lambda f: f.write(text))

@@ -1,0 +1,266 @@
+"""Where a training step's time goes: ``torch.profiler`` over a few training steps of the cost
+models (:func:`~ood_det.benchmark.cost.build_cost_models`: the same detector with
+``StandardROIHeads`` and with ``EnergyCFLROIHeads``, identical weights, outliers drawn at every
+step), one model after the other.
+
+Per model and per step it counts what a GPU pays for in small steps: the operators that run
+(leaf ``aten`` ops), the kernels launched, the host waits (``cuda*Synchronize``) and the copies;
+on CUDA also the device's busy time. The difference of the two models is the OOD head's cost,
+and the table of operators ranks what it adds. The OOD head's forward parts (queueing, drawing,
+its losses) are marked with ``record_function`` for the profile only (the product code carries no
+marks): their host time and the launches and waits made inside them. Their backward runs on
+autograd's threads and counts in the totals only.
+
+Times under the profiler are inflated by it: the cost benchmark's timings are the ones to quote;
+this says where they come from. ``export_chrome_trace`` files open in ``chrome://tracing`` or
+Perfetto.
+"""
+import argparse
+import collections
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+from detectron2.utils.events import EventStorage
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from ..errors import OODDetError
+from ..utils import atomic_write
+from .cost import COST_PRESETS, _sync, build_cost_models, cost_settings, prefill, resolve_device, train_stepper
+from .report import write_json
+
+#: The OOD head's forward parts marked in the profile: label -> (path from the box predictor, method).
+PARTS = {
+    "ood.enqueue": ("synthesizer", "enqueue"),
+    "ood.sample": ("synthesizer", "sample_if_ready"),
+    "ood.head_losses": ("", "losses"),
+}
+MODELS = ("StandardROIHeads", "EnergyCFLROIHeads")
+
+
+def _is_launch(name: str) -> bool:
+    return "LaunchKernel" in name
+
+
+def _is_wait(name: str) -> bool:
+    return name.startswith(("cuda", "cu")) and name.endswith("Synchronize")
+
+
+def _is_copy(name: str) -> bool:
+    return "Memcpy" in name
+
+
+def _mark_parts(box_predictor):
+    """Wrap each of :data:`PARTS` in a ``record_function`` range (instance attributes only: the
+    class and every other model stay as they are). Returns a function that removes the wrappers."""
+    undo = []
+    for label, (path, method) in PARTS.items():
+        owner = getattr(box_predictor, path) if path else box_predictor
+        original = getattr(owner, method)
+
+        def marked(*args, _original=original, _label=label, **kwargs):
+            with record_function(_label):
+                return _original(*args, **kwargs)
+
+        setattr(owner, method, marked)
+        undo.append((owner, method))
+    return lambda: [delattr(owner, method) for owner, method in undo]
+
+
+#: Operators that allocate or alias memory but compute nothing (besides every view).
+_NO_KERNEL = frozenset({"aten::empty", "aten::empty_strided", "aten::detach", "aten::lift_fresh",
+                        "aten::resolve_conj", "aten::resolve_neg", "aten::set_", "aten::record_stream"})
+
+
+@functools.lru_cache(maxsize=None)
+def _computes(name: str) -> bool:
+    """Whether the ``aten`` operator ``name`` runs a kernel (or its CPU loop): not a view, nor in
+    :data:`_NO_KERNEL`."""
+    if name in _NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, name[len("aten::"):], None)
+    if packet is None:
+        return True
+    return not any(getattr(getattr(packet, o), "is_view", False) for o in packet.overloads())
+
+
+def _leaf_ops(events):
+    """The computing ``aten`` events that call no other ``aten`` op: one kernel (or CPU loop) each."""
+    return [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
+            and not any(c.name.startswith("aten::") for c in e.cpu_children) and _computes(e.name)]
+
+
+def _aten_owner(event):
+    """The innermost ``aten`` op at or above ``event`` (None outside any)."""
+    while event is not None and not event.name.startswith("aten::"):
+        event = event.cpu_parent
+    return event
+
+
+def summarize_events(events, steps: int, wall_s: float, cuda: bool):
+    """Per-step counts and times of one model's profile (``prof.events()`` of ``steps`` steps)."""
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    device = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else []
+    leaves = _leaf_ops(events)
+    ops = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, time in us]
+    for e in leaves:
+        ops[e.name][0] += 1
+        if not cuda:
+            ops[e.name][1] += e.self_cpu_time_total
+    if cuda:  # the device time of the kernels each op launched (they hang under its launch call)
+        for e in cpu:
+            owner = _aten_owner(e)
+            if owner is not None:
+                ops[owner.name][1] += sum(k.duration for k in getattr(e, "kernels", ()))
+    per = {
+        "aten_ops": len(leaves) / steps,
+        "kernel_launches": sum(_is_launch(e.name) for e in cpu) / steps,
+        "host_waits": sum(_is_wait(e.name) for e in cpu) / steps,
+        "copies": sum(_is_copy(e.name) for e in cpu) / steps,
+        "wall_ms": 1000 * wall_s / steps,
+        "device_busy_ms": sum(e.time_range.elapsed_us() for e in device) / 1000 / steps if cuda else None,
+    }
+    return {
+        "per_step": per,
+        "ops": {name: {"count": c / steps, "us": t / steps} for name, (c, t) in ops.items()},
+        "parts": _parts(cpu, steps),
+    }
+
+
+def _parts(cpu_events, steps):
+    """Host time, operators, launches and waits inside each marked range, per step."""
+    parts = {}
+    for label in PARTS:
+        ranges = [e for e in cpu_events if e.name == label]
+        if not ranges:
+            continue
+        inside = [e for e in cpu_events if e.name not in PARTS and any(
+            e.thread == r.thread and r.time_range.start <= e.time_range.start and e.time_range.end <= r.time_range.end
+            for r in ranges)]
+        parts[label] = {
+            "calls": len(ranges) / steps,
+            "host_ms": sum(r.time_range.elapsed_us() for r in ranges) / 1000 / steps,
+            "aten_ops": len(_leaf_ops(inside)) / steps,
+            "kernel_launches": sum(_is_launch(e.name) for e in inside) / steps,
+            "host_waits": sum(_is_wait(e.name) for e in inside) / steps,
+        }
+    return parts
+
+
+def added_ops(baseline, variant, top: int = 15):
+    """The operators the variant runs more of, or spends more time in, per step: the ``top`` rows
+    of (name, extra count, extra time in us), largest extra time first."""
+    names = set(baseline["ops"]) | set(variant["ops"])
+    zero = {"count": 0.0, "us": 0.0}
+    rows = [(n, variant["ops"].get(n, zero)["count"] - baseline["ops"].get(n, zero)["count"],
+             variant["ops"].get(n, zero)["us"] - baseline["ops"].get(n, zero)["us"]) for n in names]
+    rows = [r for r in rows if r[1] or r[2] > 0]
+    rows.sort(key=lambda r: (-r[2], -r[1], r[0]))
+    return [{"op": n, "extra_count": round(c, 2), "extra_us": round(t, 1)} for n, c, t in rows[:top]]
+
+
+def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, trace_dir=None):
+    """Profile ``steps`` training steps of each cost model (default: one refit period, so that the
+    steps pay their share of refits) after two of warm-up.
+
+    Args:
+        s: cost settings (:func:`~ood_det.benchmark.cost.cost_settings`).
+        trace_dir: where to write ``trace_<model>.json`` (Chrome trace format); None: no traces.
+
+    Returns:
+        {"settings", "steps", "models": {name: summary}, "added": per-step differences of the
+        OOD model, "added_ops": :func:`added_ops`}.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    baseline_model, ood_model, cfg = build_cost_models(config, s, device)
+    predictor = ood_model.roi_heads.box_predictor
+    prefill(predictor.synthesizer)
+    steps = steps or predictor.synthesizer.refit_period
+    step = train_stepper(cfg, s, device, (baseline_model, ood_model))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    unmark = _mark_parts(predictor)
+    models = {}
+    try:
+        with EventStorage(int(cfg.MODEL.OOD.START_ITER)):
+            for name, model in zip(MODELS, (baseline_model, ood_model)):
+                model.train()
+                step(model, 0), step(model, 1)
+                _sync(device)
+                with profile(activities=activities) as prof:
+                    start = time.perf_counter()
+                    for i in range(steps):
+                        step(model, i)
+                    _sync(device)
+                    wall = time.perf_counter() - start
+                models[name] = summarize_events(prof.events(), steps, wall, cuda)
+                if trace_dir is not None:
+                    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+                    prof.export_chrome_trace(str(Path(trace_dir) / f"trace_{name}.json"))
+    finally:
+        unmark()
+    base, ood = (models[m]["per_step"] for m in MODELS)
+    added = {k: (None if base[k] is None else round(ood[k] - base[k], 3)) for k in base}
+    return {"settings": dict(s, config=config, device=str(device)), "steps": steps, "models": models,
+            "added": added, "added_ops": added_ops(*(models[m] for m in MODELS))}
+
+
+def markdown(result) -> str:
+    """The profile as a few lines and two tables."""
+    base, ood = (result["models"][m]["per_step"] for m in MODELS)
+    unit = "device us" if base["device_busy_ms"] is not None else "CPU us"
+
+    def num(x, digits=1):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    lines = [f"Profile of {result['steps']} training steps per model on {result['settings']['device']} "
+             "(torch.profiler; its overhead inflates the times)", "",
+             "| per step | StandardROIHeads | EnergyCFLROIHeads | added |", "| --- | ---: | ---: | ---: |"]
+    for key in ("aten_ops", "kernel_launches", "host_waits", "copies", "wall_ms", "device_busy_ms"):
+        lines.append(f"| {key} | {num(base[key])} | {num(ood[key])} | {num(result['added'][key])} |")
+    parts = result["models"][MODELS[1]]["parts"]
+    if parts:
+        lines += ["", "| OOD head part (forward) | calls | host ms | aten ops | launches | host waits |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {label} | {num(p['calls'])} | {num(p['host_ms'], 2)} | {num(p['aten_ops'])} | "
+                  f"{num(p['kernel_launches'])} | {num(p['host_waits'])} |" for label, p in parts.items()]
+    lines += ["", f"| operator | added per step | added {unit} per step |", "| --- | ---: | ---: |"]
+    lines += [f"| `{r['op']}` | {r['extra_count']:+g} | {r['extra_us']:+.1f} |" for r in result["added_ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(result, out) -> Path:
+    """``profile.json`` and ``profile.md`` into the folder ``out``; returns the markdown's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "profile.json")
+    text = markdown(result)
+    atomic_write(out / "profile.md", lambda f: f.write(text))
+    return out / "profile.md"
+
+
+def main(argv=None):
+    """``python -m ood_det.benchmark.profile [--device cuda] [--output DIR]``: profile the cost
+    models' training step, print the tables and write them with the Chrome traces to ``--output``."""
+    p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--output", default="output/profile", help="folder of the tables and traces (default: %(default)s)")
+    p.add_argument("--scale", choices=sorted(COST_PRESETS), default="full", help="cost preset (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="profiled steps per model (default: one refit period)")
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except OODDetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = profile_train_step(cost_settings(args.scale), device, steps=args.steps, trace_dir=args.output)
+    write_profile(result, args.output)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

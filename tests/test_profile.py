@@ -1,0 +1,112 @@
+"""The training-step profile (``ood_det.benchmark.profile``, step 5 of ``make gpu-check``): run for
+real on the CPU at the tiny cost preset, and its CUDA bookkeeping (launches, host waits, device
+time) on a made-up event tree, since no GPU is at hand here."""
+import json
+from types import SimpleNamespace
+
+import pytest
+from torch.autograd import DeviceType
+
+from ood_det.benchmark import profile as P
+from ood_det.benchmark.cost import build_cost_models, cost_settings
+from ood_det.cli import gpu_check
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    traces = tmp_path_factory.mktemp("traces")
+    return P.profile_train_step(cost_settings("tiny"), "cpu", steps=2, trace_dir=traces), traces
+
+
+def test_profile_counts_what_the_ood_head_adds_and_marks_its_parts(tiny_profile):
+    result, traces = tiny_profile
+    base, ood = (result["models"][m] for m in P.MODELS)
+    assert result["steps"] == 2 and set(result["models"]) == set(P.MODELS)
+    assert ood["per_step"]["aten_ops"] > base["per_step"]["aten_ops"] > 100
+    assert result["added"]["aten_ops"] == pytest.approx(ood["per_step"]["aten_ops"] - base["per_step"]["aten_ops"])
+    # no GPU: nothing launched, nothing waited for, no device time
+    assert ood["per_step"]["kernel_launches"] == 0 and ood["per_step"]["host_waits"] == 0
+    assert ood["per_step"]["device_busy_ms"] is None
+    # each marked part ran once per step, inside the OOD model only
+    assert set(ood["parts"]) == set(P.PARTS) and base["parts"] == {}
+    assert all(p["calls"] == 1 and p["host_ms"] > 0 for p in ood["parts"].values())
+    head = ood["parts"]["ood.head_losses"]
+    assert head["aten_ops"] > ood["parts"]["ood.enqueue"]["aten_ops"]  # the losses hold queueing and drawing
+    # views launch nothing and are not counted; the OOD head adds real operators
+    assert not any(r["op"] in ("aten::view", "aten::t", "aten::as_strided") for r in result["added_ops"])
+    assert result["added_ops"] and all(r["extra_count"] or r["extra_us"] > 0 for r in result["added_ops"])
+    for name in P.MODELS:
+        trace = json.loads((traces / f"trace_{name}.json").read_text())
+        assert any(e.get("name") == "ood.sample" for e in trace["traceEvents"]) == (name == "EnergyCFLROIHeads")
+
+
+def test_profile_marks_are_removed_afterwards():
+    s = cost_settings("tiny")
+    _, ood_model, _ = build_cost_models("shapes_energy_cfl.yaml", s, "cpu")
+    predictor = ood_model.roi_heads.box_predictor
+    unmark = P._mark_parts(predictor)
+    assert "losses" in vars(predictor) and "enqueue" in vars(predictor.synthesizer)
+    unmark()
+    assert "losses" not in vars(predictor) and "sample_if_ready" not in vars(predictor.synthesizer)
+
+
+def _event(name, start, end, parent=None, device=DeviceType.CPU, kernels=(), thread=1):
+    e = SimpleNamespace(name=name, device_type=device, cpu_children=[], cpu_parent=parent, thread=thread,
+                        self_cpu_time_total=float(end - start), kernels=list(kernels),
+                        time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: float(end - start)))
+    if parent is not None:
+        parent.cpu_children.append(e)
+    return e
+
+
+def test_cuda_launches_waits_and_device_time_are_counted_per_step_and_part():
+    """Two steps as the profiler reports them on CUDA: a matmul whose launch carries its kernel, and
+    inside the marked queueing part an ``item()`` that copies to the host and waits."""
+    events = []
+    for step in range(2):
+        t = 1000 * step
+        # the profiler hangs each kernel on the op whose launch it correlates with
+        mm = _event("aten::mm", t, t + 10, kernels=[SimpleNamespace(duration=40.0)])
+        launch = _event("cudaLaunchKernel", t + 1, t + 9, mm)
+        part = _event("ood.enqueue", t + 20, t + 80)
+        item = _event("aten::_local_scalar_dense", t + 30, t + 70, part)
+        copy = _event("cudaMemcpyAsync", t + 31, t + 35, item)
+        wait = _event("cudaStreamSynchronize", t + 36, t + 69, item)
+        kernel = _event("volta_sgemm", t + 2, t + 42, device=DeviceType.CUDA)
+        events += [mm, launch, part, item, copy, wait, kernel]
+    summary = P.summarize_events(events, steps=2, wall_s=0.002, cuda=True)
+    assert summary["per_step"] == {"aten_ops": 2.0, "kernel_launches": 1.0, "host_waits": 1.0, "copies": 1.0,
+                                   "wall_ms": 1.0, "device_busy_ms": 0.04}
+    assert summary["ops"]["aten::mm"] == {"count": 1.0, "us": 40.0}  # its kernel's device time
+    assert summary["ops"]["aten::_local_scalar_dense"] == {"count": 1.0, "us": 0.0}
+    assert summary["parts"] == {"ood.enqueue": {"calls": 1.0, "host_ms": 0.06, "aten_ops": 1.0,
+                                                "kernel_launches": 0.0, "host_waits": 1.0}}
+
+
+def test_profile_cli_writes_its_tables(tmp_path, capsys):
+    assert P.main(["--scale", "tiny", "--steps", "1", "--output", str(tmp_path)]) == 0
+    text = (tmp_path / "profile.md").read_text()
+    assert "| kernel_launches |" in text and "| ood.sample |" in text and text in capsys.readouterr().out
+    assert json.loads((tmp_path / "profile.json").read_text())["steps"] == 1
+    assert sorted(p.name for p in tmp_path.glob("trace_*.json")) == sorted(f"trace_{m}.json" for m in P.MODELS)
+
+
+def test_profile_cli_refuses_a_missing_gpu_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert P.main(["--device", "cuda", "--output", str(tmp_path)]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_gpu_check_summary_reports_the_profile(tiny_profile):
+    result, _ = tiny_profile
+    summary = {"gpu": "a GPU", "torch": "2.x", "detectron2": "0.6", "device": "cuda", "wall_time_s": 1.0,
+               "all_passed": True,
+               "profile": {"passed": True, "steps": 2, "added": dict(result["added"], kernel_launches=120.0,
+                                                                     host_waits=1.0, device_busy_ms=0.5),
+                           "added_ops": result["added_ops"]}}
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- profile"))
+    assert "passed" in line and "adds 120 kernel launches, 1 host waits and 0.50 ms" in line
+    assert result["added_ops"][0]["op"] in line
+    failed = gpu_check.markdown({**summary, "profile": {"passed": False, "error": "CUDA out of memory"}})
+    assert "FAILED" in failed and "CUDA out of memory" in failed
