@@ -46,7 +46,7 @@ def _is_launch(name: str) -> bool:
 
 
 def _is_wait(name: str) -> bool:
-    return name.startswith(("cuda", "cu")) and name.endswith("Synchronize")
+    return name.startswith("cu") and name.endswith("Synchronize")  # CUDA runtime or driver
 
 
 def _is_copy(name: str) -> bool:
@@ -76,9 +76,9 @@ _NO_KERNEL = frozenset({"aten::empty", "aten::empty_strided", "aten::detach", "a
 
 
 @functools.lru_cache(maxsize=None)
-def _computes(name: str) -> bool:
-    """Whether the ``aten`` operator ``name`` runs a kernel (or its CPU loop): not a view, nor in
-    :data:`_NO_KERNEL`."""
+def runs_kernel(name: str) -> bool:
+    """Whether the ``aten`` operator ``name`` (e.g. ``"aten::add"``) runs a kernel (or its CPU
+    loop): not a view, nor in :data:`_NO_KERNEL`."""
     if name in _NO_KERNEL:
         return False
     packet = getattr(torch.ops.aten, name[len("aten::"):], None)
@@ -90,7 +90,7 @@ def _computes(name: str) -> bool:
 def _leaf_ops(events):
     """The computing ``aten`` events that call no other ``aten`` op: one kernel (or CPU loop) each."""
     return [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")
-            and not any(c.name.startswith("aten::") for c in e.cpu_children) and _computes(e.name)]
+            and not any(c.name.startswith("aten::") for c in e.cpu_children) and runs_kernel(e.name)]
 
 
 def _aten_owner(event):

@@ -226,6 +226,11 @@ def markdown(summary):
     return "\n".join(lines) + "\n"
 
 
+def _failed(error):
+    """The summary entry of an in-process step that raised ``error``: its message on one line."""
+    return {"passed": False, "error": " ".join(str(error).split())[:300]}
+
+
 def _num(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -252,12 +257,12 @@ def main(argv=None):
     try:
         summary["profile"] = profile_step(out, args.device)
     except (RuntimeError, ValueError) as e:
-        summary["profile"] = {"passed": False, "error": " ".join(str(e).split())[:300]}
+        summary["profile"] = _failed(e)
     try:
         summary["real_config"] = dict(real_config_step(args.device), passed=True)
         summary["estimates"] = estimates(summary["real_config"])
     except (RuntimeError, ValueError) as e:  # e.g. out of memory on a small GPU
-        summary["real_config"] = {"passed": False, "error": " ".join(str(e).split())[:300]}
+        summary["real_config"] = _failed(e)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     summary["all_passed"] = all(summary[k].get("passed") for k in ("tests", "train", "visualize", "cost",
                                                                      "profile", "real_config"))
