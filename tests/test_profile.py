@@ -40,6 +40,22 @@ def test_profile_counts_what_the_ood_head_adds_and_marks_its_parts(tiny_profile)
         assert any(e.get("name") == "ood.sample" for e in trace["traceEvents"]) == (name == "EnergyCFLROIHeads")
 
 
+def test_profile_names_the_functions_of_ood_det_behind_the_operators(tiny_profile):
+    result, _ = tiny_profile
+    sites = result["sites"]
+    names = [r["site"] for r in sites["top"]]
+    assert sites["time"] == "CPU us" and len(names) == len(set(names)) > 5
+    # ood_det's own functions, never this benchmark's wrappers; detectron2's losses called from ours are marked
+    assert any(n.startswith("modeling/synthesizer.py:") and n.endswith(" _plan_writes") for n in names)
+    assert not any("benchmark" in n for n in names)
+    assert any(n.startswith("modeling/roi_heads.py:") and P.VIA_DETECTRON2 + "modeling/roi_heads/fast_rcnn.py losses"
+               in n for n in names)
+    assert sites["own"]["ops"] > 20 and sites["via_detectron2"]["ops"] > 10
+    assert sites["own"]["launches"] == sites["via_detectron2"]["launches"] == 0
+    # the forward's operators only: fewer than the step's (backward and optimizer have no Python frame)
+    assert sites["own"]["ops"] + sites["via_detectron2"]["ops"] < result["models"][P.MODELS[1]]["per_step"]["aten_ops"]
+
+
 def test_profile_marks_are_removed_afterwards():
     s = cost_settings("tiny")
     _, ood_model, _ = build_cost_models("shapes_energy_cfl.yaml", s, "cpu")
@@ -83,10 +99,39 @@ def test_cuda_launches_waits_and_device_time_are_counted_per_step_and_part():
                                                 "kernel_launches": 0.0, "host_waits": 1.0}}
 
 
+def test_sites_count_launches_and_device_time_under_each_function_of_ood_det():
+    """On CUDA as the Python tracer reports it: frames are events above the operators they call."""
+    events = []
+    for step in range(2):
+        t = 1000 * step
+        losses = _event("/src/ood_det/modeling/losses.py(56): cfl_loss_of", t, t + 100)
+        wrapper = _event("/src/ood_det/benchmark/profile.py(64): marked", t + 1, t + 99, losses)
+        norm = _event("/site-packages/torch/nn/functional.py(5000): normalize", t + 2, t + 30, wrapper)
+        op = _event("aten::linalg_vector_norm", t + 3, t + 20, norm, kernels=[SimpleNamespace(duration=7.0)])
+        launch = _event("cudaLaunchKernel", t + 4, t + 6, op)
+        head = _event("ood_det/modeling/roi_heads.py(199): losses", t + 200, t + 300)
+        d2 = _event("/x/detectron2/modeling/roi_heads/fast_rcnn.py(300): losses", t + 201, t + 299, head)
+        d2_inner = _event("/x/detectron2/layers/wrappers.py(40): cross_entropy", t + 202, t + 298, d2)
+        ce = _event("aten::nll_loss_forward", t + 203, t + 210, d2_inner, kernels=[SimpleNamespace(duration=3.0)])
+        ce_launch = _event("cudaLaunchKernel", t + 204, t + 205, ce)
+        backward = _event("aten::mm", t + 400, t + 410, kernels=[SimpleNamespace(duration=50.0)])  # no frame
+        events += [losses, wrapper, norm, op, launch, head, d2, d2_inner, ce, ce_launch, backward,
+                   _event("cudaLaunchKernel", t + 401, t + 402, backward)]
+    sites = P.op_sites(events, steps=2, cuda=True)
+    assert sites["top"] == [
+        {"site": "modeling/losses.py:56 cfl_loss_of", "ops": 1.0, "launches": 1.0, "us": 7.0},
+        {"site": "modeling/roi_heads.py:199 losses -> detectron2 modeling/roi_heads/fast_rcnn.py losses",
+         "ops": 1.0, "launches": 1.0, "us": 3.0}]
+    assert sites["own"] == {"ops": 1.0, "launches": 1.0, "us": 7.0}
+    assert sites["via_detectron2"] == {"ops": 1.0, "launches": 1.0, "us": 3.0}
+    assert sites["time"] == "device us"
+
+
 def test_profile_cli_writes_its_tables(tmp_path, capsys):
     assert P.main(["--scale", "tiny", "--steps", "1", "--output", str(tmp_path)]) == 0
     text = (tmp_path / "profile.md").read_text()
     assert "| kernel_launches |" in text and "| ood.sample |" in text and text in capsys.readouterr().out
+    assert "| function | operators | launches | CPU us |" in text and " _plan_writes` |" in text
     assert json.loads((tmp_path / "profile.json").read_text())["steps"] == 1
     assert sorted(p.name for p in tmp_path.glob("trace_*.json")) == sorted(f"trace_{m}.json" for m in P.MODELS)
 
@@ -104,9 +149,9 @@ def test_gpu_check_summary_reports_the_profile(tiny_profile):
                "all_passed": True,
                "profile": {"passed": True, "steps": 2, "added": dict(result["added"], kernel_launches=120.0,
                                                                      host_waits=1.0, device_busy_ms=0.5),
-                           "added_ops": result["added_ops"]}}
+                           "added_ops": result["added_ops"], "sites": result["sites"]}}
     line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- profile"))
     assert "passed" in line and "adds 120 kernel launches, 1 host waits and 0.50 ms" in line
-    assert result["added_ops"][0]["op"] in line
+    assert result["added_ops"][0]["op"] in line and f"in the forward: {result['sites']['top'][0]['site']}, " in line
     failed = gpu_check.markdown({**summary, "profile": {"passed": False, "error": "CUDA out of memory"}})
     assert "FAILED" in failed and "CUDA out of memory" in failed

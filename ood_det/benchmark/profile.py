@@ -11,6 +11,10 @@ its losses) are marked with ``record_function`` for the profile only (the produc
 marks): their host time and the launches and waits made inside them. Their backward runs on
 autograd's threads and counts in the totals only.
 
+A last pass over the OOD model alone, with the profiler's Python tracer, finds the line of
+``ood_det`` behind each forward operator: the functions that add the operators, launches and
+(device) time, and which of them only call detectron2 (work the plain head does as well).
+
 Times under the profiler are inflated by it: the cost benchmark's timings are the ones to quote;
 this says where they come from. ``export_chrome_trace`` files open in ``chrome://tracing`` or
 Perfetto.
@@ -18,6 +22,7 @@ Perfetto.
 import argparse
 import collections
 import functools
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,6 +103,66 @@ def _aten_owner(event):
     while event is not None and not event.name.startswith("aten::"):
         event = event.cpu_parent
     return event
+
+
+#: A Python frame of ood_det's own code (not this benchmark's), as the profiler's tracer names it:
+#: ``<path>/ood_det/<module>.py(<first line>): <function>``.
+_OWN_FRAME = re.compile(r"(?:^|[/\\])ood_det[/\\](?!benchmark[/\\])(\S+?\.py)\((\d+)\): (.+)$")
+_DETECTRON2_FRAME = re.compile(r"(?:^|[/\\])detectron2[/\\](\S+?\.py)\(\d+\): (.+)$")
+#: How :func:`_site` marks a site whose operators run inside detectron2 code it calls.
+VIA_DETECTRON2 = " -> detectron2 "
+
+
+def _site(event):
+    """The ``ood_det`` function above ``event`` in the Python tracer's frames, as
+    ``"module.py:line function"`` (its first line), followed by ``-> detectron2 module.py
+    function`` when the operator runs inside detectron2 code that function calls (e.g. the plain
+    head's own losses, which the plain detector runs too); None outside ood_det (autograd's
+    threads, the optimizer, detectron2 called by detectron2)."""
+    callee = None
+    event = event.cpu_parent
+    while event is not None:
+        own = _OWN_FRAME.search(event.name)
+        if own:
+            site = f"{own.group(1)}:{own.group(2)} {own.group(3)}"
+            return site if callee is None else f"{site}{VIA_DETECTRON2}{callee.group(1)} {callee.group(2)}"
+        callee = _DETECTRON2_FRAME.search(event.name) or callee
+        event = event.cpu_parent
+    return None
+
+
+def op_sites(events, steps: int, cuda: bool, top: int = 15):
+    """Per step, the operators, kernel launches and time (device us on CUDA, CPU us otherwise)
+    under each :func:`_site` of a profile recorded ``with_stack=True``: the ``top`` sites by time,
+    and the totals of ood_det's own sites and of those that call detectron2."""
+    rows = collections.defaultdict(lambda: [0, 0, 0.0])  # site -> [ops, launches, us]
+    for e in _leaf_ops(events):
+        site = _site(e)
+        if site is not None:
+            rows[site][0] += 1
+            if not cuda:
+                rows[site][2] += e.self_cpu_time_total
+    if cuda:
+        for e in events:
+            if e.device_type != DeviceType.CPU:
+                continue
+            kernels = getattr(e, "kernels", ())
+            if not (kernels or _is_launch(e.name)):
+                continue
+            site = _site(e)
+            if site is not None:
+                rows[site][1] += _is_launch(e.name)
+                rows[site][2] += sum(k.duration for k in kernels)
+    table = [{"site": site, "ops": ops / steps, "launches": launches / steps, "us": round(us / steps, 1)}
+             for site, (ops, launches, us) in rows.items()]
+    table.sort(key=lambda r: (-r["us"], -r["ops"], r["site"]))
+
+    def total(rows_):
+        return {k: round(sum(r[k] for r in rows_), 1) for k in ("ops", "launches", "us")}
+
+    own = [r for r in table if VIA_DETECTRON2 not in r["site"]]
+    return {"time": "device us" if cuda else "CPU us", "top": table[:top], "own": total(own),
+            "via_detectron2": total([r for r in table if VIA_DETECTRON2 in r["site"]])}
 
 
 def summarize_events(events, steps: int, wall_s: float, cuda: bool):
@@ -200,12 +265,19 @@ def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, t
                 if trace_dir is not None:
                     Path(trace_dir).mkdir(parents=True, exist_ok=True)
                     prof.export_chrome_trace(str(Path(trace_dir) / f"trace_{name}.json"))
+            # Where the OOD head's forward operators come from: a pass of its own, since the
+            # Python tracer slows the host down (the counts above are taken without it).
+            with profile(activities=activities, with_stack=True) as prof:
+                for i in range(steps):
+                    step(ood_model, i)
+                _sync(device)
+            sites = op_sites(prof.events(), steps, cuda)
     finally:
         unmark()
     base, ood = (models[m]["per_step"] for m in MODELS)
     added = {k: (None if base[k] is None else round(ood[k] - base[k], 3)) for k in base}
     return {"settings": dict(s, config=config, device=str(device)), "steps": steps, "models": models,
-            "added": added, "added_ops": added_ops(*(models[m] for m in MODELS))}
+            "added": added, "added_ops": added_ops(*(models[m] for m in MODELS)), "sites": sites}
 
 
 def markdown(result) -> str:
@@ -229,6 +301,17 @@ def markdown(result) -> str:
                   f"{num(p['kernel_launches'])} | {num(p['host_waits'])} |" for label, p in parts.items()]
     lines += ["", f"| operator | added per step | added {unit} per step |", "| --- | ---: | ---: |"]
     lines += [f"| `{r['op']}` | {r['extra_count']:+g} | {r['extra_us']:+.1f} |" for r in result["added_ops"]]
+    sites = result.get("sites")
+    if sites:
+        own, via = sites["own"], sites["via_detectron2"]
+        lines += ["", f"Where the OOD model's forward operators come from (functions of ood_det, per step; "
+                  f"`{VIA_DETECTRON2.strip()}`: inside detectron2 code the function calls). ood_det's own: "
+                  f"{num(own['ops'])} operators, {num(own['launches'])} launches, {num(own['us'])} {sites['time']}; "
+                  f"calling detectron2: {num(via['ops'])} operators, {num(via['launches'])} launches, "
+                  f"{num(via['us'])} {sites['time']}. Backward and optimizer operators run outside any "
+                  "Python frame and are not in this table.", "",
+                  f"| function | operators | launches | {sites['time']} |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{r['site']}` | {num(r['ops'])} | {num(r['launches'])} | {num(r['us'])} |" for r in sites["top"]]
     return "\n".join(lines) + "\n"
 
 

@@ -14,8 +14,8 @@ not hide the others; about 5 minutes on one H100):
 4. the cost benchmark on the GPU (``tools/benchmark.py --skip-quality --device cuda``);
 5. ``torch.profiler`` over one refit period of training steps of the cost models (plain and
    OOD head, :mod:`ood_det.benchmark.profile`): kernel launches, host waits and device time per
-   step, the OOD head's parts, and the operators it adds (``profile.md``, ``profile.json`` and
-   Chrome traces under ``profile/``);
+   step, the OOD head's parts, the operators it adds and the functions of ood_det behind its
+   forward operators (``profile.md``, ``profile.json`` and Chrome traces under ``profile/``);
 6. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
    800-pixel images, random weights, learning rate 0), in full and mixed precision,
    for the wall-time estimates of the README.
@@ -114,7 +114,8 @@ def cost_step(out, device):
 
 def profile_step(out, device):
     """Step 5: the profile's tables go to ``<out>/profile.md`` and ``.json``; the summary keeps the
-    per-step counts of both models, the OOD head's parts and the ten operators it adds most time to."""
+    per-step counts of both models, the OOD head's parts, the ten operators it adds most time to and
+    the ten functions of ood_det whose forward operators take the most time."""
     from ood_det.benchmark.cost import cost_settings
     from ood_det.benchmark.profile import MODELS, profile_train_step, write_profile
 
@@ -123,7 +124,8 @@ def profile_step(out, device):
     write_profile(result, out)
     return {"passed": True, "seconds": round(time.perf_counter() - start, 1), "steps": result["steps"],
             "per_step": {m: result["models"][m]["per_step"] for m in MODELS}, "added": result["added"],
-            "parts": result["models"][MODELS[1]]["parts"], "added_ops": result["added_ops"][:10]}
+            "parts": result["models"][MODELS[1]]["parts"], "added_ops": result["added_ops"][:10],
+            "sites": dict(result["sites"], top=result["sites"]["top"][:10])}
 
 
 def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10):
@@ -212,7 +214,8 @@ def markdown(summary):
         f"- profile ({pr.get('steps')} training steps per model): {'passed' if pr.get('passed') else 'FAILED'}; "
         f"the OOD head adds {_num(added.get('kernel_launches'), 0)} kernel launches, "
         f"{_num(added.get('host_waits'), 0)} host waits and {_num(added.get('device_busy_ms'), 2)} ms of device "
-        f"time per step; most added time: {', '.join(r['op'] for r in (pr.get('added_ops') or [])[:3]) or '-'} "
+        f"time per step; most added time: {', '.join(r['op'] for r in (pr.get('added_ops') or [])[:3]) or '-'}; "
+        f"in the forward: {', '.join(r['site'] for r in ((pr.get('sites') or {}).get('top') or [])[:3]) or '-'} "
         f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}",
         f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
