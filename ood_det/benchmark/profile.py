@@ -131,66 +131,68 @@ def _site(event):
     return None
 
 
+def _tally(events, key, cuda: bool):
+    """{key: [operators, kernel launches, time in us]} of a profile's events, ``key(event)`` naming
+    where an event counts (None: nowhere): each leaf operator under its key, with its CPU self time
+    off CUDA; on CUDA each launch call, and each kernel's device time under the key of the CPU event
+    the profiler hung it on."""
+    rows = collections.defaultdict(lambda: [0, 0, 0.0])
+    for e in _leaf_ops(events):
+        k = key(e)
+        if k is not None:
+            rows[k][0] += 1
+            if not cuda:
+                rows[k][2] += e.self_cpu_time_total
+    if cuda:
+        for e in events:
+            kernels = getattr(e, "kernels", ())
+            if e.device_type != DeviceType.CPU or not (kernels or _is_launch(e.name)):
+                continue
+            k = key(e)
+            if k is not None:
+                rows[k][1] += _is_launch(e.name)
+                rows[k][2] += sum(kernel.duration for kernel in kernels)
+    return rows
+
+
 def op_sites(events, steps: int, cuda: bool, top: int = 15):
     """Per step, the operators, kernel launches and time (device us on CUDA, CPU us otherwise)
     under each :func:`_site` of a profile recorded ``with_stack=True``: the ``top`` sites by time,
     and the totals of ood_det's own sites and of those that call detectron2."""
-    rows = collections.defaultdict(lambda: [0, 0, 0.0])  # site -> [ops, launches, us]
-    for e in _leaf_ops(events):
-        site = _site(e)
-        if site is not None:
-            rows[site][0] += 1
-            if not cuda:
-                rows[site][2] += e.self_cpu_time_total
-    if cuda:
-        for e in events:
-            if e.device_type != DeviceType.CPU:
-                continue
-            kernels = getattr(e, "kernels", ())
-            if not (kernels or _is_launch(e.name)):
-                continue
-            site = _site(e)
-            if site is not None:
-                rows[site][1] += _is_launch(e.name)
-                rows[site][2] += sum(k.duration for k in kernels)
     table = [{"site": site, "ops": ops / steps, "launches": launches / steps, "us": round(us / steps, 1)}
-             for site, (ops, launches, us) in rows.items()]
+             for site, (ops, launches, us) in _tally(events, _site, cuda).items()]
     table.sort(key=lambda r: (-r["us"], -r["ops"], r["site"]))
 
-    def total(rows_):
-        return {k: round(sum(r[k] for r in rows_), 1) for k in ("ops", "launches", "us")}
+    def total(rows):
+        return {k: round(sum(r[k] for r in rows), 1) for k in ("ops", "launches", "us")}
 
-    own = [r for r in table if VIA_DETECTRON2 not in r["site"]]
-    return {"time": "device us" if cuda else "CPU us", "top": table[:top], "own": total(own),
+    return {"time": "device us" if cuda else "CPU us", "top": table[:top],
+            "own": total([r for r in table if VIA_DETECTRON2 not in r["site"]]),
             "via_detectron2": total([r for r in table if VIA_DETECTRON2 in r["site"]])}
+
+
+def _op_name(event):
+    owner = _aten_owner(event)
+    return None if owner is None else owner.name
 
 
 def summarize_events(events, steps: int, wall_s: float, cuda: bool):
     """Per-step counts and times of one model's profile (``prof.events()`` of ``steps`` steps)."""
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     device = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else []
-    leaves = _leaf_ops(events)
-    ops = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, time in us]
-    for e in leaves:
-        ops[e.name][0] += 1
-        if not cuda:
-            ops[e.name][1] += e.self_cpu_time_total
-    if cuda:  # the device time of the kernels each op launched (they hang under its launch call)
-        for e in cpu:
-            owner = _aten_owner(e)
-            if owner is not None:
-                ops[owner.name][1] += sum(k.duration for k in getattr(e, "kernels", ()))
     per = {
-        "aten_ops": len(leaves) / steps,
+        "aten_ops": len(_leaf_ops(events)) / steps,
         "kernel_launches": sum(_is_launch(e.name) for e in cpu) / steps,
         "host_waits": sum(_is_wait(e.name) for e in cpu) / steps,
         "copies": sum(_is_copy(e.name) for e in cpu) / steps,
         "wall_ms": 1000 * wall_s / steps,
         "device_busy_ms": sum(e.time_range.elapsed_us() for e in device) / 1000 / steps if cuda else None,
     }
+    # per operator: a kernel's device time goes to the op whose launch it came from
+    ops = _tally(events, _op_name, cuda)
     return {
         "per_step": per,
-        "ops": {name: {"count": c / steps, "us": t / steps} for name, (c, t) in ops.items()},
+        "ops": {name: {"count": c / steps, "us": t / steps} for name, (c, _, t) in ops.items()},
         "parts": _parts(cpu, steps),
     }
 
@@ -237,7 +239,7 @@ def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, t
 
     Returns:
         {"settings", "steps", "models": {name: summary}, "added": per-step differences of the
-        OOD model, "added_ops": :func:`added_ops`}.
+        OOD model, "added_ops": :func:`added_ops`, "sites": :func:`op_sites` of the OOD model}.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -281,7 +283,7 @@ def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, t
 
 
 def markdown(result) -> str:
-    """The profile as a few lines and two tables."""
+    """The profile as a few lines and its tables."""
     base, ood = (result["models"][m]["per_step"] for m in MODELS)
     unit = "device us" if base["device_busy_ms"] is not None else "CPU us"
 
@@ -301,17 +303,16 @@ def markdown(result) -> str:
                   f"{num(p['kernel_launches'])} | {num(p['host_waits'])} |" for label, p in parts.items()]
     lines += ["", f"| operator | added per step | added {unit} per step |", "| --- | ---: | ---: |"]
     lines += [f"| `{r['op']}` | {r['extra_count']:+g} | {r['extra_us']:+.1f} |" for r in result["added_ops"]]
-    sites = result.get("sites")
-    if sites:
-        own, via = sites["own"], sites["via_detectron2"]
-        lines += ["", f"Where the OOD model's forward operators come from (functions of ood_det, per step; "
-                  f"`{VIA_DETECTRON2.strip()}`: inside detectron2 code the function calls). ood_det's own: "
-                  f"{num(own['ops'])} operators, {num(own['launches'])} launches, {num(own['us'])} {sites['time']}; "
-                  f"calling detectron2: {num(via['ops'])} operators, {num(via['launches'])} launches, "
-                  f"{num(via['us'])} {sites['time']}. Backward and optimizer operators run outside any "
-                  "Python frame and are not in this table.", "",
-                  f"| function | operators | launches | {sites['time']} |", "| --- | ---: | ---: | ---: |"]
-        lines += [f"| `{r['site']}` | {num(r['ops'])} | {num(r['launches'])} | {num(r['us'])} |" for r in sites["top"]]
+    sites = result["sites"]
+    own, via = sites["own"], sites["via_detectron2"]
+    lines += ["", f"Where the OOD model's forward operators come from (functions of ood_det, per step; "
+              f"`{VIA_DETECTRON2.strip()}`: inside detectron2 code the function calls). ood_det's own: "
+              f"{num(own['ops'])} operators, {num(own['launches'])} launches, {num(own['us'])} {sites['time']}; "
+              f"calling detectron2: {num(via['ops'])} operators, {num(via['launches'])} launches, "
+              f"{num(via['us'])} {sites['time']}. Backward and optimizer operators run outside any "
+              "Python frame and are not in this table.", "",
+              f"| function | operators | launches | {sites['time']} |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| `{r['site']}` | {num(r['ops'])} | {num(r['launches'])} | {num(r['us'])} |" for r in sites["top"]]
     return "\n".join(lines) + "\n"
 
 
