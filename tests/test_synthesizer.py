@@ -14,11 +14,13 @@ import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
 from ood_det.modeling.synthesizer import (
     VirtualOutlierSynthesizer,
     _chi2_bracket,
+    _isf_table,
     _wilson_hilferty,
     brute_force_sample,
     chi2_isf,
     chi_radii_from_uniforms,
     random_unit_vectors,
+    tabulated_chi2_isf,
     top_chi_radii,
 )
 
@@ -278,6 +280,64 @@ def test_chi2_isf_gives_the_same_bits_as_both_tails_merged(dof, tails):
     q = {"upper": u * 0.5, "lower": 0.5 + u * 0.5, "both": u}[tails]
     q = torch.cat([q, torch.tensor([1e-300, 1.0, 0.5])]) if tails == "both" else q
     assert torch.equal(chi2_isf(q, dof), _chi2_isf_reference(q, dof))
+
+
+@pytest.mark.parametrize("dof", [1, 2, 3, 16, 1024, 4096])
+def test_tabulated_chi2_isf_is_chi2_isf_to_1e_12(dof):
+    """The table's cubic against the Newton solver, over the whole upper tail: log-uniform q from 1/2
+    down past the smallest float64 (both clamp it), the ends and the nodes' midpoints included."""
+    tiny = torch.finfo(torch.float64).tiny
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(dof), dtype=torch.float64)
+    q = torch.cat([torch.exp(math.log(0.5) + u * (math.log(tiny) - math.log(0.5))),
+                   torch.tensor([0.5, 0.4999999, 1e-4, 1e-8, tiny, 1e-320, 0.0], dtype=torch.float64)])
+    got, want = tabulated_chi2_isf(q, dof), chi2_isf(q, dof)
+    assert got.dtype == torch.float64 and got.shape == q.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # float32 probabilities are taken in float64, as chi2_isf takes them
+    torch.testing.assert_close(tabulated_chi2_isf(q[:50].float(), dof), chi2_isf(q[:50].float(), dof),
+                               rtol=1e-12, atol=0)
+
+
+def test_tabulated_chi2_isf_leaves_the_lower_tail_to_chi2_isf():
+    """Outside the table (some q > 1/2) every quantile is chi2_isf's own, bit for bit."""
+    q = torch.tensor([[1e-6, 0.7], [0.5, 1.0]], dtype=torch.float64)
+    assert torch.equal(tabulated_chi2_isf(q, 5), chi2_isf(q, 5))
+
+
+def test_isf_table_made_in_inference_mode_serves_training():
+    """The table is cached at its first use, which may be in inference mode; it must not be an inference
+    tensor then, or a later training step that uses it would fail."""
+    _isf_table.cache_clear()
+    q = torch.tensor([1e-3, 1e-9], dtype=torch.float64)
+    with torch.inference_mode():
+        first = tabulated_chi2_isf(q, 7)
+    assert not _isf_table(7)[1].is_inference()
+    assert torch.equal(tabulated_chi2_isf(q, 7), first)
+
+
+def test_radii_take_a_few_host_operators_whatever_the_quantiles():
+    """A draw of the benchmark's radii (N = 10000, D = 1024, 20 classes) runs a fixed few operators on
+    the host: 31 with torch 2.14.1 (131 when each draw ran chi2_isf's Newton iterations)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    top_chi_radii(10000, 1, 1024, 20, g)  # the table is made once per D
+    counts = []
+    for _ in range(5):
+        with Count() as count:
+            radii = top_chi_radii(10000, 1, 1024, 20, g)
+        counts.append(count.ops)
+    assert radii.shape == (20, 1) and bool((radii > math.sqrt(1024)).all())
+    assert len(set(counts)) == 1 and counts[0] <= 35, counts
 
 
 def test_sample_is_the_exact_formula_for_a_seed():
