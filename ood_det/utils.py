@@ -33,3 +33,8 @@ def atomic_write(path, write, binary: bool = False) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def format_number(x, digits: int = 1) -> str:
+    """``x`` with ``digits`` decimals for a table or summary line; ``"-"`` for a missing value (None)."""
+    return "-" if x is None else f"{x:.{digits}f}"

@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..errors import OODDetError
 from ..utils import atomic_write
+from ..utils import format_number as _num
 from .cost import COST_PRESETS, _sync, build_cost_models, cost_settings, prefill, resolve_device, train_stepper
 from .report import write_json
 
@@ -287,32 +288,29 @@ def markdown(result) -> str:
     base, ood = (result["models"][m]["per_step"] for m in MODELS)
     unit = "device us" if base["device_busy_ms"] is not None else "CPU us"
 
-    def num(x, digits=1):
-        return "-" if x is None else f"{x:.{digits}f}"
-
     lines = [f"Profile of {result['steps']} training steps per model on {result['settings']['device']} "
              "(torch.profiler; its overhead inflates the times)", "",
              "| per step | StandardROIHeads | EnergyCFLROIHeads | added |", "| --- | ---: | ---: | ---: |"]
     for key in ("aten_ops", "kernel_launches", "host_waits", "copies", "wall_ms", "device_busy_ms"):
-        lines.append(f"| {key} | {num(base[key])} | {num(ood[key])} | {num(result['added'][key])} |")
+        lines.append(f"| {key} | {_num(base[key])} | {_num(ood[key])} | {_num(result['added'][key])} |")
     parts = result["models"][MODELS[1]]["parts"]
     if parts:
         lines += ["", "| OOD head part (forward) | calls | host ms | aten ops | launches | host waits |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {label} | {num(p['calls'])} | {num(p['host_ms'], 2)} | {num(p['aten_ops'])} | "
-                  f"{num(p['kernel_launches'])} | {num(p['host_waits'])} |" for label, p in parts.items()]
+        lines += [f"| {label} | {_num(p['calls'])} | {_num(p['host_ms'], 2)} | {_num(p['aten_ops'])} | "
+                  f"{_num(p['kernel_launches'])} | {_num(p['host_waits'])} |" for label, p in parts.items()]
     lines += ["", f"| operator | added per step | added {unit} per step |", "| --- | ---: | ---: |"]
     lines += [f"| `{r['op']}` | {r['extra_count']:+g} | {r['extra_us']:+.1f} |" for r in result["added_ops"]]
     sites = result["sites"]
     own, via = sites["own"], sites["via_detectron2"]
     lines += ["", f"Where the OOD model's forward operators come from (functions of ood_det, per step; "
               f"`{VIA_DETECTRON2.strip()}`: inside detectron2 code the function calls). ood_det's own: "
-              f"{num(own['ops'])} operators, {num(own['launches'])} launches, {num(own['us'])} {sites['time']}; "
-              f"calling detectron2: {num(via['ops'])} operators, {num(via['launches'])} launches, "
-              f"{num(via['us'])} {sites['time']}. Backward and optimizer operators run outside any "
+              f"{_num(own['ops'])} operators, {_num(own['launches'])} launches, {_num(own['us'])} {sites['time']}; "
+              f"calling detectron2: {_num(via['ops'])} operators, {_num(via['launches'])} launches, "
+              f"{_num(via['us'])} {sites['time']}. Backward and optimizer operators run outside any "
               "Python frame and are not in this table.", "",
               f"| function | operators | launches | {sites['time']} |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| `{r['site']}` | {num(r['ops'])} | {num(r['launches'])} | {num(r['us'])} |" for r in sites["top"]]
+    lines += [f"| `{r['site']}` | {_num(r['ops'])} | {_num(r['launches'])} | {_num(r['us'])} |" for r in sites["top"]]
     return "\n".join(lines) + "\n"
 
 

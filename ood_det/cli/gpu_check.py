@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ood_det.utils import atomic_write
+from ood_det.utils import format_number as _num
 
 REPO = Path(__file__).resolve().parents[2]
 #: (iterations, images per iteration) of the real configs (configs/Base-VOC.yaml, Base-BDD.yaml).
@@ -232,10 +233,6 @@ def markdown(summary):
 def _failed(error):
     """The summary entry of an in-process step that raised ``error``: its message on one line."""
     return {"passed": False, "error": " ".join(str(error).split())[:300]}
-
-
-def _num(x, digits=1):
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def main(argv=None):
