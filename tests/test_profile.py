@@ -52,7 +52,8 @@ def test_profile_names_the_functions_of_ood_det_behind_the_operators(tiny_profil
                in n for n in names)
     assert sites["own"]["ops"] > 20 and sites["via_detectron2"]["ops"] > 10
     assert sites["own"]["launches"] == sites["via_detectron2"]["launches"] == 0
-    # the forward's operators only: fewer than the step's (backward and optimizer have no Python frame)
+    # the forward's operators only, fewer than the step's: the backward has no Python frame, the
+    # optimizer no frame of ood_det
     assert sites["own"]["ops"] + sites["via_detectron2"]["ops"] < result["models"][P.MODELS[1]]["per_step"]["aten_ops"]
 
 

@@ -307,8 +307,9 @@ def markdown(result) -> str:
               f"`{VIA_DETECTRON2.strip()}`: inside detectron2 code the function calls). ood_det's own: "
               f"{_num(own['ops'])} operators, {_num(own['launches'])} launches, {_num(own['us'])} {sites['time']}; "
               f"calling detectron2: {_num(via['ops'])} operators, {_num(via['launches'])} launches, "
-              f"{_num(via['us'])} {sites['time']}. Backward and optimizer operators run outside any "
-              "Python frame and are not in this table.", "",
+              f"{_num(via['us'])} {sites['time']}. Not in this table: the backward's operators (autograd's "
+              "threads, no Python frame) and the optimizer step's (torch's and detectron2's code, no "
+              "function of ood_det).", "",
               f"| function | operators | launches | {sites['time']} |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| `{r['site']}` | {_num(r['ops'])} | {_num(r['launches'])} | {_num(r['us'])} |" for r in sites["top"]]
     return "\n".join(lines) + "\n"
