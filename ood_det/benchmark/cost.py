@@ -106,8 +106,18 @@ def cost_cfg(config, s, roi_heads, device):
 def build_cost_models(config, s, device):
     """(baseline_model, ood_model, ood cfg): ``StandardROIHeads`` and ``EnergyCFLROIHeads``
     detectors sharing every weight they both have, so that only the head differs."""
-    baseline_cfg = cost_cfg(config, s, "StandardROIHeads", device)
     ood_cfg = cost_cfg(config, s, "EnergyCFLROIHeads", device)
+    baseline_model, ood_model = twin_models(cost_cfg(config, s, "StandardROIHeads", device), ood_cfg)
+    predictor = ood_model.roi_heads.box_predictor
+    if predictor.synthesizer.feature_dim != s["fc_dim"]:
+        raise RuntimeError(f"box feature size {predictor.synthesizer.feature_dim} != FC_DIM {s['fc_dim']}")
+    _mark_calibrated(predictor, s["knn_bank_rows"])
+    return baseline_model, ood_model, ood_cfg
+
+
+def twin_models(baseline_cfg, ood_cfg):
+    """(baseline_model, ood_model) built from the two configs, the OOD model holding every weight
+    of the baseline, so that only the OOD head's own parts differ."""
     torch.manual_seed(0)
     baseline_model = build_model(baseline_cfg)
     torch.manual_seed(0)
@@ -115,11 +125,7 @@ def build_cost_models(config, s, device):
     missing, unexpected = ood_model.load_state_dict(baseline_model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("roi_heads.box_predictor.") for k in missing):
         raise RuntimeError(f"cost models do not share their weights: {unexpected or missing}")
-    predictor = ood_model.roi_heads.box_predictor
-    if predictor.synthesizer.feature_dim != s["fc_dim"]:
-        raise RuntimeError(f"box feature size {predictor.synthesizer.feature_dim} != FC_DIM {s['fc_dim']}")
-    _mark_calibrated(predictor, s["knn_bank_rows"])
-    return baseline_model, ood_model, ood_cfg
+    return baseline_model, ood_model
 
 
 def _mark_calibrated(box_predictor, knn_bank_rows):

@@ -18,7 +18,8 @@ not hide the others; about 5 minutes on one H100):
    forward operators (``profile.md``, ``profile.json`` and Chrome traces under ``profile/``);
 6. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
    800-pixel images, random weights, learning rate 0), in full and mixed precision,
-   for the wall-time estimates of the README.
+   for the wall-time estimates of the README, and its ratio to the plain detector's
+   (StandardROIHeads, the same weights): the OOD head's cost at the real configs' size.
 
 Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``.
 Exit status 0 when every step passed, 1 otherwise.
@@ -129,22 +130,25 @@ def profile_step(out, device):
             "sites": dict(result["sites"], top=result["sites"]["top"][:10])}
 
 
-def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10):
+def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10, repeats=4):
     """ms per training step of a real config's detector on random 800-pixel images, full and mixed
-    precision, and the peak GPU memory; random weights and learning rate 0 (timing only)."""
-    from detectron2.modeling import build_model
+    precision, and its peak GPU memory; and its time over the plain detector's: the same config
+    with detectron2's StandardROIHeads and the same weights, steps interleaved, each repeat one
+    refit period of steps, the median of the repeats' ratios. Random weights, learning rate 0
+    (timing only), outliers drawn at every step."""
     from detectron2.solver import build_optimizer
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    from ood_det.benchmark.cost import prefill
+    from ood_det.benchmark.cost import interleaved, prefill, twin_models
     from ood_det.config import load_config
 
-    cfg = load_config(config, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0",
-                               "MODEL.OOD.START_ITER", "0"])
-    model = build_model(cfg).train()
-    prefill(model.roi_heads.box_predictor.synthesizer)  # outliers drawn at every step, as late in training
-    optimizer = build_optimizer(cfg, model)
+    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0", "MODEL.OOD.START_ITER", "0"]
+    cfg = load_config(config, opts)
+    plain, model = twin_models(load_config(config, opts + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"]), cfg)
+    plain.train(), model.train()
+    synth = model.roi_heads.box_predictor.synthesizer
+    prefill(synth)  # outliers drawn at every step, as late in training
     g = torch.Generator().manual_seed(0)
     batch = []
     for _ in range(images_per_gpu):
@@ -154,28 +158,47 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
         inst.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (6,), generator=g)
         image = torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8)
         batch.append({"image": image, "instances": inst, "height": size[0], "width": size[1]})
-    cuda = torch.device(device).type == "cuda"
+    optimizers = {id(m): build_optimizer(cfg, m) for m in (plain, model)}
+
+    def step(m, amp):
+        with torch.autocast("cuda", enabled=amp):
+            loss = sum(m(batch).values())
+        optimizers[id(m)].zero_grad()
+        loss.backward()
+        optimizers[id(m)].step()
+
+    def steps(m, amp, n):
+        return lambda: [step(m, amp) for _ in range(n)]
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    precisions = (False, True) if cuda else (False,)
     result = {"config": config, "images_per_gpu": images_per_gpu, "image_size": list(size)}
-    for amp in (False, True) if cuda else (False,):
+    with EventStorage(0):
+        for amp in precisions:  # the plain detector next to this one
+            key, per = "amp" if amp else "fp32", synth.refit_period
+            steps(plain, amp, 2)(), steps(model, amp, 2)()  # warm-up
+            t_plain, _, ratios = interleaved(steps(plain, amp, per), steps(model, amp, per), repeats, dev)
+            result[f"plain_{key}_ms_per_step"] = round(1000 * statistics.median(t_plain) / per, 1)
+            result[f"{key}_ratio"] = round(statistics.median(ratios), 3)
+        del optimizers[id(plain)], plain  # this one's memory alone from here on
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        with EventStorage(0):
+            torch.cuda.empty_cache()
+        for amp in precisions:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
             for i in range(iters + 3):
                 sync()
                 start = time.perf_counter()
-                with torch.autocast("cuda", enabled=amp):
-                    loss = sum(model(batch).values())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                step(model, amp)
                 sync()
                 if i >= 3:
                     times.append(time.perf_counter() - start)
-        key = "amp" if amp else "fp32"
-        result[f"{key}_ms_per_step"] = round(1000 * statistics.median(times), 1)
-        result[f"{key}_peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+            key = "amp" if amp else "fp32"
+            result[f"{key}_ms_per_step"] = round(1000 * statistics.median(times), 1)
+            result[f"{key}_peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
     return result
 
 
@@ -220,7 +243,9 @@ def markdown(summary):
         f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}",
         f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
-        f" ms ({rc.get('amp_peak_mem_mib')} MiB)",
+        f" ms ({rc.get('amp_peak_mem_mib')} MiB); {_num(rc.get('fp32_ratio'), 3)}x (fp32) and "
+        f"{_num(rc.get('amp_ratio'), 3)}x (AMP) the plain detector's step (StandardROIHeads, "
+        f"{rc.get('plain_fp32_ms_per_step')} / {rc.get('plain_amp_ms_per_step')} ms)",
         f"- wall time {summary['wall_time_s']} s; all passed: {summary['all_passed']}", "",
     ]
     if summary.get("estimates"):

@@ -1,0 +1,35 @@
+"""Step 6 of ``make gpu-check`` (the real configs' training step and its ratio to the plain
+detector's), run for real on the CPU at a small image size."""
+import math
+
+import pytest
+
+from ood_det.cli import gpu_check
+
+
+@pytest.fixture(scope="module")
+def real_step():
+    return gpu_check.real_config_step("cpu", size=(128, 160), iters=1, repeats=1)
+
+
+def test_real_config_step_times_the_ood_detector_against_the_plain_one(real_step):
+    r = real_step
+    assert r["config"] == "voc_energy_cfl.yaml" and r["image_size"] == [128, 160]
+    for key in ("fp32_ms_per_step", "plain_fp32_ms_per_step", "fp32_ratio"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    # both detectors do the same backbone and RPN work: the ratio is near 1, not a unit slip
+    assert 0.5 < r["fp32_ratio"] < 3
+    assert r["fp32_peak_mem_mib"] is None  # the CPU keeps no peak
+    assert "amp_ratio" not in r  # mixed precision only on CUDA
+    rows = gpu_check.estimates({**r, "amp_ms_per_step": r["fp32_ms_per_step"]})
+    assert {row["config"] for row in rows} == {"voc", "bdd"}
+
+
+def test_gpu_check_summary_reports_the_real_config_ratio(real_step):
+    rc = {**real_step, "amp_ms_per_step": 50.0, "amp_peak_mem_mib": 1600, "amp_ratio": 1.0234,
+          "plain_amp_ms_per_step": 48.9, "fp32_ratio": 1.0456, "plain_fp32_ms_per_step": 53.7}
+    summary = {"gpu": "a GPU", "torch": "2.x", "detectron2": "0.6", "device": "cuda", "wall_time_s": 1.0,
+               "all_passed": True, "real_config": rc}
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- voc_energy_cfl.yaml"))
+    assert "1.046x (fp32) and 1.023x (AMP) the plain detector's step" in line
+    assert "53.7 / 48.9 ms" in line
