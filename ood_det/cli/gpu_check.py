@@ -140,13 +140,14 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    from ood_det.benchmark.cost import interleaved, prefill, twin_models
+    from ood_det.benchmark.cost import interleaved, prefill, timed, twin_models
     from ood_det.config import load_config
 
     opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0", "MODEL.OOD.START_ITER", "0"]
     cfg = load_config(config, opts)
     plain, model = twin_models(load_config(config, opts + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"]), cfg)
-    plain.train(), model.train()
+    plain.train()
+    model.train()
     synth = model.roi_heads.box_predictor.synthesizer
     prefill(synth)  # outliers drawn at every step, as late in training
     g = torch.Generator().manual_seed(0)
@@ -172,12 +173,12 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     precisions = (False, True) if cuda else (False,)
+    per = synth.refit_period
     result = {"config": config, "images_per_gpu": images_per_gpu, "image_size": list(size)}
     with EventStorage(0):
         for amp in precisions:  # the plain detector next to this one
-            key, per = "amp" if amp else "fp32", synth.refit_period
+            key = "amp" if amp else "fp32"
             steps(plain, amp, 2)(), steps(model, amp, 2)()  # warm-up
             t_plain, _, ratios = interleaved(steps(plain, amp, per), steps(model, amp, per), repeats, dev)
             result[f"plain_{key}_ms_per_step"] = round(1000 * statistics.median(t_plain) / per, 1)
@@ -188,14 +189,7 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
         for amp in precisions:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            times = []
-            for i in range(iters + 3):
-                sync()
-                start = time.perf_counter()
-                step(model, amp)
-                sync()
-                if i >= 3:
-                    times.append(time.perf_counter() - start)
+            times = [timed(lambda: step(model, amp), dev) for _ in range(iters + 3)][3:]  # 3 warm-up steps
             key = "amp" if amp else "fp32"
             result[f"{key}_ms_per_step"] = round(1000 * statistics.median(times), 1)
             result[f"{key}_peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
