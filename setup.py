@@ -24,6 +24,6 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn", "scipy", "ruff>=0.6"],
+        "test": ["pytest>=7.3", "scikit-learn", "scipy", "ruff>=0.6"],
     },
 )
