@@ -67,9 +67,10 @@ def test_profile_marks_are_removed_afterwards():
     assert "losses" not in vars(predictor) and "sample_if_ready" not in vars(predictor.synthesizer)
 
 
-def _event(name, start, end, parent=None, device=DeviceType.CPU, kernels=(), thread=1):
+def _event(name, start, end, parent=None, device=DeviceType.CPU, kernels=(), thread=1, annotation=False):
     e = SimpleNamespace(name=name, device_type=device, cpu_children=[], cpu_parent=parent, thread=thread,
                         self_cpu_time_total=float(end - start), kernels=list(kernels),
+                        is_user_annotation=annotation,
                         time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: float(end - start)))
     if parent is not None:
         parent.cpu_children.append(e)
@@ -78,7 +79,8 @@ def _event(name, start, end, parent=None, device=DeviceType.CPU, kernels=(), thr
 
 def test_cuda_launches_waits_and_device_time_are_counted_per_step_and_part():
     """Two steps as the profiler reports them on CUDA: a matmul whose launch carries its kernel, and
-    inside the marked queueing part an ``item()`` that copies to the host and waits."""
+    inside the marked queueing part an ``item()`` that copies to the host and waits; the part's
+    range also shows on the device timeline (a user annotation), and is no device work."""
     events = []
     for step in range(2):
         t = 1000 * step
@@ -90,7 +92,9 @@ def test_cuda_launches_waits_and_device_time_are_counted_per_step_and_part():
         copy = _event("cudaMemcpyAsync", t + 31, t + 35, item)
         wait = _event("cudaStreamSynchronize", t + 36, t + 69, item)
         kernel = _event("volta_sgemm", t + 2, t + 42, device=DeviceType.CUDA)
-        events += [mm, launch, part, item, copy, wait, kernel]
+        # the marked part's span on the device timeline: no work of its own, not device time
+        span = _event("ood.enqueue", t + 21, t + 521, device=DeviceType.CUDA, annotation=True)
+        events += [mm, launch, part, item, copy, wait, kernel, span]
     summary = P.summarize_events(events, steps=2, wall_s=0.002, cuda=True)
     assert summary["per_step"] == {"aten_ops": 2.0, "kernel_launches": 1.0, "host_waits": 1.0, "copies": 1.0,
                                    "wall_ms": 1.0, "device_busy_ms": 0.04}

@@ -180,7 +180,10 @@ def _op_name(event):
 def summarize_events(events, steps: int, wall_s: float, cuda: bool):
     """Per-step counts and times of one model's profile (``prof.events()`` of ``steps`` steps)."""
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    device = [e for e in events if e.device_type == DeviceType.CUDA] if cuda else []
+    # The device's own work: kernels, copies and sets, not the device-side spans of record_function
+    # ranges (the OOD model's marked parts), which cover the kernels inside them a second time.
+    device = [e for e in events if e.device_type == DeviceType.CUDA
+              and not getattr(e, "is_user_annotation", False)] if cuda else []
     per = {
         "aten_ops": len(_leaf_ops(events)) / steps,
         "kernel_launches": sum(_is_launch(e.name) for e in cpu) / steps,
