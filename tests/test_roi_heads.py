@@ -304,9 +304,39 @@ def _reference_fields(pred, logits, features, boxes, probs, keep):
     return {**fields, "ood_score": -id_score, "is_ood": id_score < scorer.id_threshold.float()}
 
 
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_kept_boxes_index_the_proposals_unless_one_was_dropped(poisoned, monkeypatch):
+    """With every proposal finite, detectron2's kept indices are the proposals' own: the head maps
+    them back (a sort over the proposals, several kernels) only when one is not finite."""
+    import ood_det.modeling.roi_heads as roi_heads
+
+    calls = []
+    mapping = roi_heads._proposal_index
+    monkeypatch.setattr(roi_heads, "_proposal_index", lambda *a: calls.append(1) or mapping(*a))
+    torch.manual_seed(2)
+    pred = _predictor(test_score_thresh=0.0)
+    logits, features = torch.randn(6, NUM_CLASSES + 1) * 3, torch.randn(6, 6)
+    if poisoned:
+        logits[0, 1] = float("nan")
+    props = Instances((256, 256))
+    xy = torch.rand(6, 2) * 100
+    props.proposal_boxes = Boxes(torch.cat([xy, xy + 30], dim=1))
+    predictions = (logits, torch.zeros(6, 4 * NUM_CLASSES), features)
+    with torch.no_grad():
+        (result,), (kept,) = pred.inference(predictions, [props])
+        assert len(calls) == int(poisoned)
+        (boxes,), (probs,) = pred.predict_boxes(predictions, [props]), pred.predict_probs(predictions, [props])
+        source = mapping(kept, boxes, probs)
+        torch.testing.assert_close(result.energy, pred.scorer.energy(logits[source]))
+    assert not poisoned or 0 not in source.tolist()
+
+
 def test_ood_fields_of_a_batch_match_each_image_computed_alone():
     """The fields of all images come from one pass over their kept boxes; per image they are those of
-    the plain per-image computation (bit for bit for one image; a batch may round differently)."""
+    the plain per-image computation, to float32 rounding (the head does not normalize its unit
+    embeddings again, and sums the id score's terms with precomputed coefficients). Image 0 alone
+    has only finite proposals (kept boxes index the proposals as they are); the batch of three
+    maps image 2's around the one detectron2 drops."""
     torch.manual_seed(1)
     pred = _predictor(test_score_thresh=0.0)
     with torch.no_grad():
@@ -326,7 +356,8 @@ def test_ood_fields_of_a_batch_match_each_image_computed_alone():
         boxes = pred.predict_boxes((logits, deltas, features), props)
         probs = pred.predict_probs((logits, deltas, features), props)
         ids = pred.scorer.id_score(pred.scorer.box_scores(logits, pred.embeddings(features), pred.centers))
-        pred.scorer.id_threshold.fill_(float(ids.median()))
+        middle = ids[torch.isfinite(ids)].sort().values[len(ids) // 2 - 1:len(ids) // 2 + 1]
+        pred.scorer.id_threshold.fill_(float(middle.mean()))  # between two boxes: no box within rounding of it
         for batch in ([0], [0, 1, 2]):
             starts = [sum(counts[:i]) for i in batch]
             rows = torch.cat([torch.arange(s, s + counts[i]) for s, i in zip(starts, batch)])
@@ -335,10 +366,10 @@ def test_ood_fields_of_a_batch_match_each_image_computed_alone():
                 part = slice(start, start + counts[i])
                 want = _reference_fields(pred, logits[part], features[part], boxes[i], probs[i], keep)
                 for name, value in want.items():
-                    if len(batch) == 1 or value.dtype == torch.bool:
+                    if value.dtype == torch.bool:
                         assert torch.equal(r.get(name), value), (batch, i, name)
                     else:
-                        torch.testing.assert_close(r.get(name), value, rtol=1e-5, atol=1e-6)
+                        torch.testing.assert_close(r.get(name), value, rtol=1e-5, atol=1e-6, msg=(batch, i, name))
     assert len(results[0]) and not len(results[1]) and len(results[2])
     assert results[0].is_ood.any() or results[2].is_ood.any()
 

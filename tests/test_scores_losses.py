@@ -13,11 +13,12 @@ from ood_det.modeling.losses import (
     EnergyLogistic,
     cfl_loss,
     energy_loss_logistic,
+    energy_loss_logistic_of,
     energy_loss_margin,
     rep_outlier_loss,
 )
 from ood_det.modeling.scorer import OODScorer
-from ood_det.modeling.scores import cosine_similarities, energy, msp, rep_score
+from ood_det.modeling.scores import cosine_similarities, energy, energy_and_msp, msp, rep_score, unit_rows
 
 
 @pytest.fixture(autouse=True)
@@ -252,6 +253,63 @@ def test_margin_energy_loss_values():
     e_in, e_out = torch.tensor([-8.0, -12.0]), torch.tensor([-6.0, -3.0])
     overlap = energy_loss_margin(e_in, e_out, m_in, m_out)
     torch.testing.assert_close(overlap, torch.tensor((2.0**2 + 0) / 2 + (2.0**2 + 0) / 2))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_energy_and_msp_together_are_torch_logsumexp_and_softmax(temperature):
+    logits = torch.randn(40, 6, dtype=torch.float64) * 8
+    e, m = energy_and_msp(logits, temperature)
+    torch.testing.assert_close(e, -temperature * torch.logsumexp(logits / temperature, dim=1))
+    torch.testing.assert_close(m, torch.softmax(logits, dim=1).max(dim=1).values)
+    torch.testing.assert_close(e, energy(logits, temperature), rtol=0, atol=0)
+    torch.testing.assert_close(m, msp(logits), rtol=0, atol=0)
+
+
+def test_energy_gradient_is_minus_the_softmax():
+    logits = (torch.randn(7, 5, dtype=torch.float64) * 4).requires_grad_()
+    energy(logits, 2.0).sum().backward()
+    torch.testing.assert_close(logits.grad, -torch.softmax(logits.detach() / 2.0, dim=1))
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: energy(x, 1.5, w), (x, w))
+
+
+def test_unit_rows_are_f_normalize_with_its_gradient():
+    x = torch.randn(9, 5, dtype=torch.float64) * 3
+    x[4] = 0.0  # a row the clamp at eps holds
+    x[6] = 1e-14
+    x.requires_grad_()
+    y = unit_rows(x)
+    torch.testing.assert_close(y, F.normalize(x, dim=-1), rtol=0, atol=0)
+    grad = torch.randn(9, 5, dtype=torch.float64)
+    (mine,) = torch.autograd.grad(y, x, grad)
+    (theirs,) = torch.autograd.grad(F.normalize(x, dim=-1), x, grad)
+    torch.testing.assert_close(mine, theirs)
+    torch.autograd.gradcheck(unit_rows, (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),))
+    # float16 in, under autocast on the CPU too: values of F.normalize, the gradient in the input's dtype
+    h = torch.randn(3, 8).half().requires_grad_()
+    unit_rows(h).sum().backward()
+    assert h.grad.dtype == torch.float16
+    with torch.no_grad():
+        assert unit_rows(x).grad_fn is None and torch.equal(unit_rows(x), F.normalize(x, dim=-1))
+
+
+def test_logistic_energy_loss_is_binary_cross_entropy_values_and_gradients():
+    module = EnergyLogistic()
+    with torch.no_grad():
+        module.linear.weight.fill_(3.0)
+        module.linear.bias.fill_(1.0)
+    energies = (torch.randn(30, dtype=torch.float64) * 12).requires_grad_()  # logits past softplus's threshold too
+    loss = energy_loss_logistic_of(-energies.float(), 11, module)
+    logits = module(-energies.float())
+    targets = torch.cat([torch.ones(11), torch.zeros(19)])
+    want = F.binary_cross_entropy_with_logits(logits, targets)
+    torch.testing.assert_close(loss, want)
+    (mine,) = torch.autograd.grad(loss, energies)
+    (theirs,) = torch.autograd.grad(want, energies)
+    torch.testing.assert_close(mine, theirs)
+    e = energies.float()
+    torch.testing.assert_close(energy_loss_logistic(e[:11], e[11:], module), loss)
 
 
 def test_logistic_energy_loss_prefers_separated_energies():

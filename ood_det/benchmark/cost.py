@@ -6,7 +6,8 @@ repeat) so that they share the machine's noise; min / median / max over the repe
 - training step (forward, backward, optimizer step) of one detector with
   ``EnergyCFLROIHeads`` (mode energy_cfl, queues pre-filled, iteration >= START_ITER, so
   outliers are synthesized every step) vs the same detector with ``StandardROIHeads``:
-  same weights, same fixed synthetic batch, learning rate 0 so the workload never changes;
+  same weights, same fixed synthetic batch, learning rate 0 so the workload never changes,
+  no gradient clipping (the VOC and BDD solvers' choice);
 - inference time per image, same pair (score threshold 0: every image keeps its
   TEST.DETECTIONS_PER_IMAGE boxes, each with OOD fields);
 - one synthesis step of ``VirtualOutlierSynthesizer`` (enqueue one batch of foreground
@@ -99,6 +100,10 @@ def cost_cfg(config, s, roi_heads, device):
         # Every image keeps TEST.DETECTIONS_PER_IMAGE boxes, each with its OOD fields.
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "TEST.DETECTIONS_PER_IMAGE", 100,
         "SOLVER.BASE_LR", 0.0,  # identical weights, hence identical work, at every step
+        # The VOC and BDD solvers clip no gradient. The shapes configs clip each parameter's (they
+        # train from scratch), which detectron2 does one parameter at a time, about 10 kernels each:
+        # a cost of that choice, not of the head (which has 8 parameters more than the plain one).
+        "SOLVER.CLIP_GRADIENTS.ENABLED", False,
     ]
     return load_config(config, [str(o) for o in opts])
 
@@ -111,7 +116,7 @@ def build_cost_models(config, s, device):
     predictor = ood_model.roi_heads.box_predictor
     if predictor.synthesizer.feature_dim != s["fc_dim"]:
         raise RuntimeError(f"box feature size {predictor.synthesizer.feature_dim} != FC_DIM {s['fc_dim']}")
-    _mark_calibrated(predictor, s["knn_bank_rows"])
+    mark_calibrated(predictor, s["knn_bank_rows"])
     return baseline_model, ood_model, ood_cfg
 
 
@@ -128,7 +133,7 @@ def twin_models(baseline_cfg, ood_cfg):
     return baseline_model, ood_model
 
 
-def _mark_calibrated(box_predictor, knn_bank_rows):
+def mark_calibrated(box_predictor, knn_bank_rows):
     """Calibrate the OOD head as a deployed one is (is_ood against a real threshold), on made-up
     score fields: the numbers change nothing in the work a box costs. A kNN score gets a bank of
     ``knn_bank_rows`` made-up embeddings (at most ``MODEL.OOD.KNN_BANK_SIZE``), searched for every box."""

@@ -418,7 +418,8 @@ def cost_markdown(cost):
         f"fixed synthetic inputs, {st['repeats']} interleaved repeats, device {st['device']}, "
         f"{st['torch_threads']} torch threads. Training with outlier synthesis active "
         f"(synthesis_active={tr['synthesis_active']}; MODEL.OOD.REFIT_PERIOD={tr['refit_period']}, "
-        f"{tr['steps_per_repeat']} steps per repeat); inference keeps {inf['boxes_per_image']} boxes per image"
+        f"{tr['steps_per_repeat']} steps per repeat; no gradient clipping, as the VOC solver); "
+        f"inference keeps {inf['boxes_per_image']} boxes per image"
         f"{_scored_by(inf)}. "
         "Ratios: variant / baseline for time, baseline / variant for speedups.", "",
         format_metrics_table(_cost_rows(st, tr, inf, syn), columns=columns, titles=titles), "",

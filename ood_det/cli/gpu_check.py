@@ -19,7 +19,9 @@ not hide the others; about 5 minutes on one H100):
 6. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
    800-pixel images, random weights, learning rate 0), in full and mixed precision,
    for the wall-time estimates of the README, and its ratio to the plain detector's
-   (StandardROIHeads, the same weights): the OOD head's cost at the real configs' size.
+   (StandardROIHeads, the same weights): the OOD head's cost at the real configs' size;
+   then the same pair's inference, one image at a time, every image keeping its 100 boxes,
+   the OOD head calibrated for the config's score.
 
 Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``.
 Exit status 0 when every step passed, 1 otherwise.
@@ -130,12 +132,16 @@ def profile_step(out, device):
             "sites": dict(result["sites"], top=result["sites"]["top"][:10])}
 
 
-def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10, repeats=4):
+def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10, repeats=4,
+                     inference_repeats=10):
     """ms per training step of a real config's detector on random 800-pixel images, full and mixed
     precision, and its peak GPU memory; and its time over the plain detector's: the same config
     with detectron2's StandardROIHeads and the same weights, steps interleaved, each repeat one
     refit period of steps, the median of the repeats' ratios. Random weights, learning rate 0
-    (timing only), outliers drawn at every step."""
+    (timing only), outliers drawn at every step. Then ms per image of both at inference, one image
+    at a time (a deployed detector's case), interleaved the same way: score threshold 0, so that
+    every image keeps TEST.DETECTIONS_PER_IMAGE boxes, the OOD head calibrated for the config's score
+    (a kNN score with a bank of MODEL.OOD.KNN_BANK_SIZE rows)."""
     from detectron2.solver import build_optimizer
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
@@ -143,7 +149,8 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
     from ood_det.benchmark.cost import interleaved, prefill, timed, twin_models
     from ood_det.config import load_config
 
-    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0", "MODEL.OOD.START_ITER", "0"]
+    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0", "MODEL.OOD.START_ITER", "0",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     cfg = load_config(config, opts)
     plain, model = twin_models(load_config(config, opts + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"]), cfg)
     plain.train()
@@ -183,7 +190,8 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
             t_plain, _, ratios = interleaved(steps(plain, amp, per), steps(model, amp, per), repeats, dev)
             result[f"plain_{key}_ms_per_step"] = round(1000 * statistics.median(t_plain) / per, 1)
             result[f"{key}_ratio"] = round(statistics.median(ratios), 3)
-        del optimizers[id(plain)], plain  # this one's memory alone from here on
+        del optimizers[id(plain)]
+        plain.to("cpu")  # this one's memory alone from here on
         if cuda:
             torch.cuda.empty_cache()
         for amp in precisions:
@@ -193,7 +201,49 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
             key = "amp" if amp else "fp32"
             result[f"{key}_ms_per_step"] = round(1000 * statistics.median(times), 1)
             result[f"{key}_peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+    result.update(_real_inference(plain.to(dev), model, batch, cfg, precisions, inference_repeats, dev))
     return result
+
+
+def _real_inference(plain, model, batch, cfg, precisions, repeats, dev):
+    """ms per image of ``plain`` and the inference ratio of ``model`` to it, per precision (see
+    :func:`real_config_step`)."""
+    from ood_det.benchmark.cost import interleaved, mark_calibrated
+
+    mark_calibrated(model.roi_heads.box_predictor, cfg.MODEL.OOD.KNN_BANK_SIZE)
+    # Random weights decode boxes far outside the image, which post-processing drops as empty: with
+    # the regressors and the classifier zeroed (in both), the proposals are the anchors and every
+    # class scores 1 / (K + 1), so that every image keeps its TEST.DETECTIONS_PER_IMAGE boxes.
+    with torch.no_grad():
+        for m in (plain, model):
+            for layer in (m.proposal_generator.rpn_head.anchor_deltas, m.roi_heads.box_predictor.bbox_pred,
+                          m.roi_heads.box_predictor.cls_score):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    images = [{k: item[k] for k in ("image", "height", "width")} for item in batch]
+    plain.eval()
+    model.eval()
+
+    def infer(m, amp):
+        def fn():
+            with torch.no_grad(), torch.autocast("cuda", enabled=amp):
+                for image in images:
+                    m([image])
+        return fn
+
+    out = {}
+    with torch.no_grad():
+        boxes = len(model([images[0]])[0]["instances"])
+    for amp in precisions:
+        key = "amp" if amp else "fp32"
+        infer(plain, amp)(), infer(model, amp)()  # warm-up
+        t_plain, _, ratios = interleaved(infer(plain, amp), infer(model, amp), repeats, dev)
+        out[f"plain_{key}_ms_per_image"] = round(1000 * statistics.median(t_plain) / len(images), 1)
+        out[f"{key}_inference_ratio"] = round(statistics.median(ratios), 3)
+    out["inference_boxes_per_image"] = boxes
+    scorer = model.roi_heads.box_predictor.scorer
+    out["inference_score"], out["knn_bank_rows"] = scorer.score_name, len(scorer.knn_bank)
+    return out
 
 
 def estimates(step):
@@ -239,7 +289,11 @@ def markdown(summary):
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
         f" ms ({rc.get('amp_peak_mem_mib')} MiB); {_num(rc.get('fp32_ratio'), 3)}x (fp32) and "
         f"{_num(rc.get('amp_ratio'), 3)}x (AMP) the plain detector's step (StandardROIHeads, "
-        f"{rc.get('plain_fp32_ms_per_step')} / {rc.get('plain_amp_ms_per_step')} ms)",
+        f"{rc.get('plain_fp32_ms_per_step')} / {rc.get('plain_amp_ms_per_step')} ms); inference ("
+        f"{rc.get('inference_score')} score), one image at a time with {rc.get('inference_boxes_per_image')} boxes "
+        f"each: {_num(rc.get('fp32_inference_ratio'), 3)}x "
+        f"(fp32) and {_num(rc.get('amp_inference_ratio'), 3)}x (AMP) the plain detector's "
+        f"{rc.get('plain_fp32_ms_per_image')} / {rc.get('plain_amp_ms_per_image')} ms per image",
         f"- wall time {summary['wall_time_s']} s; all passed: {summary['all_passed']}", "",
     ]
     if summary.get("estimates"):

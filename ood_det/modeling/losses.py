@@ -132,11 +132,21 @@ def energy_loss_logistic(e_in: torch.Tensor, e_out: torch.Tensor, logistic_modul
     Returns:
         Scalar loss.
     """
-    logits = logistic_module(-torch.cat([e_in, e_out]))
-    if e_in.numel() == 0 or e_out.numel() == 0:
+    return energy_loss_logistic_of(-torch.cat([e_in, e_out]), len(e_in), logistic_module)
+
+
+def energy_loss_logistic_of(neg_energies: torch.Tensor, num_in: int, logistic_module: nn.Module) -> torch.Tensor:
+    """
+    :func:`energy_loss_logistic` of the (M + P,) negative energies of both sets, the M
+    in-distribution ones first. With targets 1 for the first M and 0 for the rest, binary
+    cross-entropy on the logits z is ``softplus(z) - target * z``: its mean is
+    ``mean(softplus(z)) - sum(z[:M]) / (M + P)``, 4 kernels where building the targets and
+    ``F.binary_cross_entropy_with_logits`` take 8.
+    """
+    logits = logistic_module(neg_energies)
+    if num_in == 0 or num_in == len(neg_energies):
         return _zero_in_graph(logits)
-    targets = torch.cat([torch.ones_like(e_in), torch.zeros_like(e_out)])
-    return F.binary_cross_entropy_with_logits(logits, targets)
+    return torch.sub(F.softplus(logits).mean(), logits[:num_in].sum(), alpha=1.0 / len(logits))
 
 
 def energy_loss_margin(e_in: torch.Tensor, e_out: torch.Tensor, m_in: float, m_out: float) -> torch.Tensor:
@@ -179,7 +189,8 @@ def rep_outlier_loss(out_embeddings: torch.Tensor, centers: torch.Tensor, margin
 
 def rep_outlier_loss_of(similarities: torch.Tensor, margin: float) -> torch.Tensor:
     """:func:`rep_outlier_loss` from the outliers' (P, K) :func:`cosine_similarities` to the centers."""
-    excess = F.relu(rep_score_of(similarities) - margin).pow(2)
+    score = rep_score_of(similarities)
+    excess = F.relu(score - margin if margin else score).pow(2)  # x - 0 is x: no kernel for the default
     if excess.numel() == 0:
         return _zero_in_graph(excess)
     return excess.mean()

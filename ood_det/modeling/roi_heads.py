@@ -21,6 +21,7 @@ feature size, E embedding size, P virtual outliers.
 """
 import itertools
 import logging
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,9 +35,9 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from .losses import EnergyLogistic, cfl_loss_of, energy_loss_logistic, energy_loss_margin, rep_outlier_loss_of
+from .losses import EnergyLogistic, cfl_loss_of, energy_loss_logistic_of, energy_loss_margin, rep_outlier_loss_of
 from .scorer import KNN_EMBEDDING, OODScorer
-from .scores import cosine_similarities, energy, foreground_logits
+from .scores import cosine_similarities, foreground_logits, neg_energy, unit_rows
 from .synthesizer import VirtualOutlierSynthesizer, build_synthesizer, host_to_device
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             self._init_embedding(embed_dim, embed_hidden_dim)
         #: Set by calibration: output boxes then carry their knn embedding (``KNN_EMBEDDING``) too.
         self.emit_knn_embeddings = False
+        self._unit_centers_cache = None  # (key, unit centers) of unit_centers
 
     def _init_embedding(self, embed_dim: int, embed_hidden_dim: int) -> None:
         if embed_dim <= 0 or embed_hidden_dim <= 0:
@@ -186,7 +188,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
 
     def embeddings(self, features: torch.Tensor) -> torch.Tensor:
         """(R, D) box features -> (R, E) L2-normalized embeddings (energy_cfl mode only)."""
-        return F.normalize(self.embed(features), dim=1)
+        return unit_rows(self.embed(features))
 
     def knn_embeddings(self, features: torch.Tensor, embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the kNN bank holds per box: the embedding where the mode trains one (shaped around
@@ -250,19 +252,23 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         features = self._in_support(torch.cat([self.synthesizer.sample()[0] for _ in range(rounds)]))
         features = features.to(self.cls_score.weight.dtype)
         embeddings = self.embeddings(features) if self.embed is not None else None
-        return self.scorer.box_scores(self.cls_score(features), embeddings, self.centers)
+        centers = self.unit_centers() if self.centers is not None else None
+        return self.scorer.box_scores(self.cls_score(features), embeddings, centers, unit=True)
 
     def training_energy(self, class_logits: torch.Tensor) -> torch.Tensor:
         """(R, K+1) logits -> (R,) energies of ``loss_energy``: the scorer's energy, with the
         learnable class weights inside the logsumexp when the head has them (VOS)."""
-        return energy(foreground_logits(class_logits), self.scorer.temperature, self.energy_weights)
+        return self._training_neg_energy(class_logits).neg()
+
+    def _training_neg_energy(self, class_logits: torch.Tensor) -> torch.Tensor:
+        return neg_energy(foreground_logits(class_logits), self.scorer.temperature, self.energy_weights)
 
     def _energy_loss(self, logits_in: torch.Tensor, logits_out: torch.Tensor) -> torch.Tensor:
         # One energy computation for both sets: half the kernels of two.
-        energies = self.training_energy(torch.cat([logits_in, logits_out]))
-        e_in, e_out = energies.split([len(logits_in), len(logits_out)])
-        if self.energy_loss_name == "logistic":
-            return energy_loss_logistic(e_in, e_out, self.energy_logistic)
+        logits = torch.cat([logits_in, logits_out])
+        if self.energy_loss_name == "logistic":  # the regression reads -energy: no sign flipped twice
+            return energy_loss_logistic_of(self._training_neg_energy(logits), len(logits_in), self.energy_logistic)
+        e_in, e_out = self.training_energy(logits).split([len(logits_in), len(logits_out)])
         return energy_loss_margin(e_in, e_out, *self.energy_margins)
 
     # ------------------------------------------------------------ inference
@@ -280,19 +286,25 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         boxes = self.predict_boxes((logits, deltas), proposals)
         probs = self.predict_probs((logits, deltas), proposals)
         image_shapes = [p.image_size for p in proposals]
+        # Queued before detectron2's post-processing, read after it (which waited for the device
+        # several times): whether any proposal has a non-finite box or score (see _proposal_index).
+        check = _finite_check(boxes, probs)
         results, kept = fast_rcnn_inference(
             boxes, probs, image_shapes, self.test_score_thresh, self.test_nms_thresh, self.test_topk_per_image
         )
         if not results:
             return results, kept
         # The kept boxes' proposals as rows of the whole batch: one pass of the OOD fields for all images.
-        sources = [_proposal_index(keep, b, p) for keep, b, p in zip(kept, boxes, probs)]
+        if check is not None and math.isfinite(check.item()):  # every proposal kept its place in keep
+            sources = list(kept)
+        else:
+            sources = [_proposal_index(keep, b, p) for keep, b, p in zip(kept, boxes, probs)]
         starts = itertools.accumulate((len(p) for p in proposals), initial=0)
         source = cat([s + start if start else s for s, start in zip(sources, starts)])
         fields = self._ood_fields(logits[source], features[source])
         sizes = [len(r) for r in results]
         for name, value in fields.items():
-            for result, part in zip(results, value.split(sizes)):
+            for result, part in zip(results, value.split(sizes) if len(results) > 1 else (value,)):
                 result.set(name, part)
         return results, kept
 
@@ -302,15 +314,35 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         embeddings = self.embeddings(features) if self.embed is not None else None
         wanted = self.scorer.has_bank or self.emit_knn_embeddings
         knn_embeddings = self.knn_embeddings(features, embeddings) if wanted else None
-        fields = self.scorer.box_scores(logits, embeddings, self.centers, knn_embeddings)
+        centers = self.unit_centers() if self.centers is not None else None
+        fields = self.scorer.box_scores(logits, embeddings, centers, knn_embeddings, unit=True)
         if self.scorer.can_score(fields):
-            id_score = self.scorer.id_score(fields)
+            ood_score, is_ood = self.scorer.decide(fields)
         else:  # a kNN score before calibration filled the bank (calibration itself runs this)
             log_first_n(logging.WARNING, f"No kNN bank yet: the {self.scorer.score_name} score is NaN until "
                         "calibration (tools/train_net.py --calibrate)", n=1, name=__name__)
-            id_score = torch.full_like(fields["energy"], float("nan"))
+            ood_score = torch.full_like(fields["energy"], float("nan"))
+            is_ood = torch.zeros_like(ood_score, dtype=torch.bool)
         extra = {KNN_EMBEDDING: knn_embeddings} if self.emit_knn_embeddings else {}
-        return {**fields, "ood_score": -id_score, "is_ood": self.scorer.is_ood(id_score), **extra}
+        return {**fields, "ood_score": ood_score, "is_ood": is_ood, **extra}
+
+    def unit_centers(self) -> torch.Tensor:
+        """(K, E) the class centers scaled to unit length. In eval mode where autograd does not
+        track them (inference), computed once per change of the centers (version, storage, device,
+        dtype), not once per batch of boxes; :meth:`train` forgets them (a fused optimizer step can
+        change the values without a new version)."""
+        centers = self.centers
+        if self.training or (torch.is_grad_enabled() and centers.requires_grad):
+            return unit_rows(centers)
+        key = (centers.data_ptr(), centers._version, centers.device, centers.dtype, torch.is_inference_mode_enabled())
+        if self._unit_centers_cache is None or self._unit_centers_cache[0] != key:
+            with torch.no_grad():
+                self._unit_centers_cache = (key, F.normalize(centers, dim=1))
+        return self._unit_centers_cache[1]
+
+    def train(self, mode: bool = True):
+        self._unit_centers_cache = None
+        return super().train(mode)
 
     # Parent methods unpack predictions as (scores, deltas): give them just that.
     def predict_boxes_for_gt_classes(self, predictions, proposals):
@@ -340,6 +372,17 @@ def _upgrade_old_state(state_dict, prefix: str, mode: str) -> None:
             del state_dict[key]
         if stale:
             logger.info("Dropped %d untrained embedding/center entries of an older %s checkpoint", len(stale), mode)
+
+
+def _finite_check(boxes: Tuple[torch.Tensor, ...], probs: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A () tensor that is finite only when every proposal of every image has a finite box and
+    score: a sum is finite only when all its terms are (it may also overflow, and then the exact
+    mapping of ``_proposal_index`` runs, as for a non-finite proposal)."""
+    total = None
+    for b, p in zip(boxes, probs):
+        part = b.sum() + p.sum()
+        total = part if total is None else total + part
+    return total
 
 
 def _proposal_index(keep: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ score choice, weight and every calibrated number live here; the head, the
 calibration, the evaluation, the predictor and the tools all call this module.
 """
 import logging
+import math
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -218,6 +219,7 @@ class OODScorer(nn.Module):
     def box_scores(
         self, class_logits: torch.Tensor, embeddings: Optional[torch.Tensor] = None,
         centers: Optional[torch.Tensor] = None, knn_embeddings: Optional[torch.Tensor] = None,
+        unit: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """
         Raw per-box fields of :attr:`raw_fields`.
@@ -228,26 +230,30 @@ class OODScorer(nn.Module):
             centers: (K, E) class centers (models with centers only).
             knn_embeddings: (R, E) what the kNN bank holds for each box (see the module docstring);
                 without them, or without a bank, no ``knn`` field.
+            unit: ``embeddings``, ``centers`` and ``knn_embeddings`` have unit length already (as
+                the head gives them): none is normalized again.
 
         Returns:
             {"energy": (R,), "msp": (R,), ["rep_score": (R,)], ["knn": (R,)]}.
         """
-        out = {"energy": self.energy(class_logits), "msp": S.msp(S.foreground_logits(class_logits))}
+        energy, msp = S.energy_and_msp(S.foreground_logits(class_logits), self.temperature)
+        out = {"energy": energy, "msp": msp}
         if self.has_representation:
-            out["rep_score"] = S.rep_score(embeddings, centers)
+            out["rep_score"] = S.rep_score(embeddings, centers, unit=unit, unit_centers=unit)
         if self.has_bank and knn_embeddings is not None:
-            out["knn"] = self.knn(knn_embeddings)
+            out["knn"] = self.knn(knn_embeddings, unit=unit)
         return out
 
-    def knn(self, knn_embeddings: torch.Tensor, exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(R, E) embeddings -> (R,) ``-d_k``, the raw knn field (``exclude``: see
+    def knn(self, knn_embeddings: torch.Tensor, exclude: Optional[torch.Tensor] = None,
+            unit: bool = False) -> torch.Tensor:
+        """(R, E) embeddings -> (R,) ``-d_k``, the raw knn field (``exclude``, ``unit``: see
         :func:`~ood_det.modeling.scores.knn_distance`)."""
         if not self.has_bank:
             raise ValueError(_no_bank_message("knn"))
         if self.knn_k >= len(self.knn_bank) + (exclude is None):
             raise ValueError(f"MODEL.OOD.KNN_K={self.knn_k} needs a kNN bank of more rows than its "
                              f"{len(self.knn_bank)}; lower MODEL.OOD.KNN_K or calibrate on more validation data")
-        return -S.knn_distance(knn_embeddings, self.knn_bank, self.knn_k, exclude, self.knn_chunk_elements)
+        return -S.knn_distance(knn_embeddings, self.knn_bank, self.knn_k, exclude, self.knn_chunk_elements, unit)
 
     # ------------------------------------------------------------ id scores
     def id_score(self, fields: Mapping, score: Optional[str] = None) -> torch.Tensor:
@@ -264,16 +270,19 @@ class OODScorer(nn.Module):
             NumPy input, else at least float32; standardized with the calibration statistics
             once calibrated.
         """
+        return self._affine(fields, score, 1.0)
+
+    def _affine(self, fields: Mapping, score: Optional[str], sign: float) -> torch.Tensor:
+        """``sign * id_score``. The weighted sum of standardized terms sum_i w_i (s_i x_i - mean_i) / std_i
+        is affine in the raw fields x_i: one kernel per term, its coefficients computed once per
+        calibration. Negating the coefficients negates the result exactly."""
         score = self.score_name if score is None else score
         self._check_available(score, fields)
-        total = None
-        for name in SCORE_TERMS[score]:
-            term = self._standardized(fields, name)
-            if name == "rep_score" and score == "combined":
-                term = term * self._constants(term)["rep_weight"]
-            elif name == "knn" and score == "knn_energy":
-                term = term * self.knn_weight
-            total = term if total is None else total + term
+        values = [_as_tensor(_field(fields, name)) for name in SCORE_TERMS[score]]
+        scale, shift = self._coefficients(values[0], score, sign)
+        total = torch.addcmul(shift, values[0], scale[0])
+        for value, coefficient in zip(values[1:], scale[1:]):
+            total = torch.addcmul(total, value, coefficient)
         return total
 
     def can_score(self, fields: Mapping, score: Optional[str] = None) -> bool:
@@ -291,35 +300,67 @@ class OODScorer(nn.Module):
             raise ValueError(f"score {score!r} is not available for this model; available: {self.available_scores}")
 
     def _standardized(self, fields: Mapping, name: str) -> torch.Tensor:
-        if name not in fields:
-            raise KeyError(f"per-box field {name!r} is missing; the boxes carry {', '.join(sorted(fields))}")
-        value = _as_tensor(fields[name])
+        value = _as_tensor(_field(fields, name))
         value = -value if RAW_FIELDS[name] < 0 else value
         i, constants = list(RAW_FIELDS).index(name), self._constants(value)
         return (value - constants["mean"][i]) / constants["std"][i]
 
-    def _constants(self, like: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _constants(self, like: torch.Tensor) -> Dict:
         """The calibration in ``like``'s dtype and device: "mean" and "std" (clamped) (4,) in
-        ``RAW_FIELDS`` order, "rep_weight", "id_threshold" and "calibrated". Cast once per change
-        of the buffers (their version counters tell), not once per batch of boxes."""
+        ``RAW_FIELDS`` order, "ood_below" (the id threshold once calibrated, -inf before) and
+        "ood_above" (its negative), and the coefficients of :meth:`_coefficients`. Cast once per
+        change of the buffers or the kNN weight (their version counters tell), not once per batch
+        of boxes."""
         buffers = (self.stats, self.knn_stats, self.rep_weight, self.id_threshold, self.calibrated)
-        key = (like.dtype, like.device, torch.is_inference_mode_enabled(), *(_version(b) for b in buffers))
+        key = (like.dtype, like.device, torch.is_inference_mode_enabled(), self.knn_weight,
+               *(_version(b) for b in buffers))
         if self._cast_cache is None or self._cast_cache[0] != key:
-            stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)]).to(like)
-            self._cast_cache = (key, {
-                "mean": stats[:, 0], "std": stats[:, 1].clamp(min=1e-6), "rep_weight": self.rep_weight.to(like),
-                "id_threshold": self.id_threshold.to(like), "calibrated": self.calibrated.to(like.device)})
+            stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)])
+            below = torch.where(self.calibrated, self.id_threshold, torch.full_like(self.id_threshold, -math.inf))
+            self._cast_cache = (key, {"mean": stats[:, 0].to(like), "std": stats[:, 1].clamp(min=1e-6).to(like),
+                                      "ood_below": below.to(like), "ood_above": (-below).to(like)})
         return self._cast_cache[1]
+
+    def _coefficients(self, like: torch.Tensor, score: str, sign: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """((T,) scale per term, () shift) in ``like``'s dtype and device: ``sign * id_score`` of
+        the score ``score`` is ``shift + sum_t scale_t x_t`` over its raw fields x_t. Computed in
+        float64 from the buffers, once per calibration (kept with :meth:`_constants`)."""
+        constants = self._constants(like)
+        key = ("affine", score, sign)
+        if key not in constants:
+            terms = SCORE_TERMS[score]
+            i = torch.tensor([list(RAW_FIELDS).index(t) for t in terms], device=self.stats.device)
+            stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)])[i]
+            mean, std = stats[:, 0], stats[:, 1].clamp(min=1e-6)
+            weight = torch.stack([self._term_weight(score, t) for t in terms])
+            orient = torch.tensor([RAW_FIELDS[t] for t in terms], dtype=stats.dtype, device=stats.device)
+            scale, shift = sign * weight * orient / std, -sign * (weight * mean / std).sum()
+            constants[key] = (scale.to(like), shift.to(like))
+        return constants[key]
+
+    def _term_weight(self, score: str, name: str) -> torch.Tensor:
+        """The weight of raw field ``name`` in the id score ``score`` (float64 scalar)."""
+        if name == "rep_score" and score == "combined":
+            return self.rep_weight.double()
+        if name == "knn" and score == "knn_energy":
+            return torch.tensor(self.knn_weight, dtype=torch.float64, device=self.rep_weight.device)
+        return torch.ones((), dtype=torch.float64, device=self.rep_weight.device)
 
     def ood_score(self, fields: Mapping, score: Optional[str] = None) -> torch.Tensor:
         """``-id_score``: higher = more OOD."""
-        return -self.id_score(fields, score)
+        return self._affine(fields, score, -1.0)
 
     def is_ood(self, id_scores: torch.Tensor) -> torch.Tensor:
         """(R,) bool: id score below the calibrated threshold; all False before calibration."""
-        # A tensor AND rather than an if: no device sync per batch of boxes.
-        constants = self._constants(id_scores)
-        return (id_scores < constants["id_threshold"]) & constants["calibrated"]
+        # A threshold of -inf before calibration rather than an if: no device sync per batch of boxes.
+        return id_scores < self._constants(id_scores)["ood_below"]
+
+    def decide(self, fields: Mapping) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(``ood_score``, ``is_ood``) of boxes by the configured score: ``is_ood`` is
+        ``ood_score > -threshold``, the same decision as :meth:`is_ood` of the id score, one
+        kernel each."""
+        ood = self.ood_score(fields)
+        return ood, ood > self._constants(ood)["ood_above"]
 
     # ------------------------------------------------------------ calibration
     @torch.no_grad()
@@ -481,6 +522,12 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
         if float(step.abs().max()) < 1e-10:
             break
     return beta[:-1]
+
+
+def _field(fields: Mapping, name: str):
+    if name not in fields:
+        raise KeyError(f"per-box field {name!r} is missing; the boxes carry {', '.join(sorted(fields))}")
+    return fields[name]
 
 
 def _version(t: torch.Tensor) -> int:

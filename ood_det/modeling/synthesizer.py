@@ -385,6 +385,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         # What sampling fits to the queues (here: means, Cholesky factor), refitted every refit_period writes.
         self._fit_cache = None
         self._writes_since_fit = 0
+        self._labels_cache = None  # ((K, S, device), the class id of each drawn outlier) of _by_class
         # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed.
         # The queues start empty, wherever their buffers were made: nothing to read.
         empty = torch.zeros(num_classes, dtype=torch.long, device="cpu")
@@ -583,8 +584,10 @@ class VirtualOutlierSynthesizer(nn.Module):
     def _by_class(self, outliers: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K, S, D) outliers -> (K*S, D) in the queue's dtype, class by class, and (K*S,) int64 class ids."""
         K, S, D = outliers.shape
-        labels = torch.arange(K * S, device=outliers.device).div_(S, rounding_mode="floor")  # 0..0, 1..1, ...
-        return outliers.reshape(K * S, D).to(self.queue.dtype), labels
+        key = (K, S, outliers.device)
+        if self._labels_cache is None or self._labels_cache[0] != key:  # the same at every draw
+            self._labels_cache = (key, torch.arange(K * S, device=outliers.device).div_(S, rounding_mode="floor"))
+        return outliers.reshape(K * S, D).to(self.queue.dtype), self._labels_cache[1]
 
     # ---- sampling ----
     @torch.no_grad()
@@ -610,6 +613,8 @@ class VirtualOutlierSynthesizer(nn.Module):
         radii = host_to_device(top_chi_radii(self.num_candidates, S, D, K, generator if on_cpu else None), device)
         on_device = generator is not None and generator.device == torch.device(device)
         steps = radii[..., None] * random_unit_vectors((K, S), D, generator if on_device else None, device)
+        if S == 1:  # means + steps @ factor^T in one kernel
+            return self._by_class(torch.addmm(means, steps[:, 0], factor.t())[:, None, :])
         return self._by_class(means[:, None, :] + steps @ factor.t())
 
     def sample_if_ready(self, iteration: int, generator: Optional[torch.Generator] = None):
