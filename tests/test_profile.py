@@ -130,6 +130,22 @@ def test_sites_count_launches_and_device_time_under_each_function_of_ood_det():
     assert sites["own"] == {"ops": 1.0, "launches": 1.0, "us": 7.0}
     assert sites["via_detectron2"] == {"ops": 1.0, "launches": 1.0, "us": 3.0}
     assert sites["time"] == "device us"
+    # what the tracer recorded: 6 frames a step, 2 of ood_det's own code, 2 operators under one
+    assert sites["tracer"] == {"frames": 12, "own_frames": 4, "operators_placed": 4, "sample": [
+        "/src/ood_det/modeling/losses.py(56): cfl_loss_of", "ood_det/modeling/roi_heads.py(199): losses"]}
+
+
+def test_an_empty_sites_table_says_what_the_tracer_recorded():
+    """Frames the profiler did not hang above the operators (as on one H100): the table is empty
+    and the report says how many frames there were, so that the cause shows."""
+    frame = _event("/src/ood_det/modeling/losses.py(56): cfl_loss_of", 0, 100)
+    op = _event("aten::mm", 200, 210, kernels=[SimpleNamespace(duration=5.0)])  # no frame above it
+    sites = P.op_sites([frame, op, _event("cudaLaunchKernel", 201, 202, op)], steps=1, cuda=True)
+    assert sites["top"] == [] and sites["tracer"]["own_frames"] == 1 and sites["tracer"]["operators_placed"] == 0
+    from ood_det.cli import gpu_check
+
+    assert gpu_check._tracer({"sites": sites}) == ("none placed (1 Python frames, 1 of ood_det, 0 operators under "
+                                                   "one; e.g. /src/ood_det/modeling/losses.py(56): cfl_loss_of)")
 
 
 def test_profile_cli_writes_its_tables(tmp_path, capsys):

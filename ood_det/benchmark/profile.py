@@ -169,7 +169,22 @@ def op_sites(events, steps: int, cuda: bool, top: int = 15):
 
     return {"time": "device us" if cuda else "CPU us", "top": table[:top],
             "own": total([r for r in table if VIA_DETECTRON2 not in r["site"]]),
-            "via_detectron2": total([r for r in table if VIA_DETECTRON2 in r["site"]])}
+            "via_detectron2": total([r for r in table if VIA_DETECTRON2 in r["site"]]),
+            "tracer": tracer_frames(events)}
+
+
+#: Any Python frame as the profiler's tracer names it: ``<path>.py(<first line>): <function>``.
+_FRAME = re.compile(r"\.py\(\d+\): ")
+
+
+def tracer_frames(events, sample: int = 3):
+    """What the Python tracer recorded, to tell why a sites table is empty: the frames, those of
+    ood_det's own code, how many operators have one of those above them, and a few names."""
+    frames = [e.name for e in events if e.device_type == DeviceType.CPU and _FRAME.search(e.name)]
+    own = [name for name in frames if _OWN_FRAME.search(name)]
+    placed = sum(1 for e in _leaf_ops(events) if _site(e) is not None)
+    return {"frames": len(frames), "own_frames": len(own), "operators_placed": placed,
+            "sample": sorted(set(own or frames))[:sample]}
 
 
 def _op_name(event):
@@ -315,6 +330,11 @@ def markdown(result) -> str:
               "function of ood_det).", "",
               f"| function | operators | launches | {sites['time']} |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| `{r['site']}` | {_num(r['ops'])} | {_num(r['launches'])} | {_num(r['us'])} |" for r in sites["top"]]
+    tracer = sites.get("tracer")
+    if tracer and not sites["top"]:
+        lines += ["", f"No operator placed: the Python tracer recorded {tracer['frames']} frames, "
+                  f"{tracer['own_frames']} of them ood_det's, {tracer['operators_placed']} operators under one "
+                  f"(e.g. {', '.join(f'`{n}`' for n in tracer['sample']) or 'none'})."]
     return "\n".join(lines) + "\n"
 
 

@@ -264,6 +264,7 @@ def markdown(summary):
     t, tr, vi, co, pr, rc = (summary.get(k, {}) for k in ("tests", "train", "visualize", "cost", "profile",
                                                            "real_config"))
     added = pr.get("added") or {}
+    top_sites = (pr.get("sites") or {}).get("top") or []
     ood = "; ".join(f"{name} FPR95 {100 * m['fpr95']:.1f} / AUROC {100 * m['auroc']:.1f}"
                     for name, m in tr.get("ood", {}).items() if m["fpr95"] is not None)
     peak = co.get("peak_gpu_memory_bytes") or {}
@@ -283,7 +284,7 @@ def markdown(summary):
         f"the OOD head adds {_num(added.get('kernel_launches'), 0)} kernel launches, "
         f"{_num(added.get('host_waits'), 0)} host waits and {_num(added.get('device_busy_ms'), 2)} ms of device "
         f"time per step; most added time: {', '.join(r['op'] for r in (pr.get('added_ops') or [])[:3]) or '-'}; "
-        f"in the forward: {', '.join(r['site'] for r in ((pr.get('sites') or {}).get('top') or [])[:3]) or '-'} "
+        f"in the forward: {', '.join(r['site'] for r in top_sites[:3]) or _tracer(pr)} "
         f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}",
         f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
@@ -301,6 +302,15 @@ def markdown(summary):
                   "left out):", "", "| config | GPUs | precision | hours |", "| --- | ---: | --- | ---: |"]
         lines += [f"| {r['config']} | {r['gpus']} | {r['precision']} | {r['hours']} |" for r in summary["estimates"]]
     return "\n".join(lines) + "\n"
+
+
+def _tracer(profile):
+    """Why the profile placed no operator under a function of ood_det: what the Python tracer recorded."""
+    t = (profile.get("sites") or {}).get("tracer")
+    if not t:
+        return "-"
+    return (f"none placed ({t['frames']} Python frames, {t['own_frames']} of ood_det, "
+            f"{t['operators_placed']} operators under one; e.g. {'; '.join(t['sample']) or 'none'})")
 
 
 def _failed(error):
