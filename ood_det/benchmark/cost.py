@@ -283,21 +283,25 @@ def measure_train_step(baseline_model, ood_model, cfg, s, device):
     return out
 
 
+def infer_each(model, images, amp=False):
+    """A function running ``model`` on each of ``images`` alone, without autograd (and under CUDA
+    autocast with ``amp``): a deployed detector's inference, one image at a time."""
+    def fn():
+        with torch.no_grad(), torch.autocast("cuda", enabled=amp):
+            for image in images:
+                model([image])
+    return fn
+
+
 def measure_inference(baseline_model, ood_model, s, device):
     """Seconds per image of both detectors, one image at a time (a deployed detector's case)."""
     images = synthetic_batch(s["images"], s["image_size"], s["num_classes"], 2, device, with_instances=False)
     baseline_model.eval()
     ood_model.eval()
 
-    def run(model):
-        def fn():
-            with torch.no_grad():
-                for image in images:
-                    model([image])
-        return fn
-
-    run(baseline_model)(), run(ood_model)()  # warm-up
-    t_base, t_ood, ratios = interleaved(run(baseline_model), run(ood_model), s["repeats"], device)
+    infer_each(baseline_model, images)(), infer_each(ood_model, images)()  # warm-up
+    t_base, t_ood, ratios = interleaved(infer_each(baseline_model, images), infer_each(ood_model, images),
+                                        s["repeats"], device)
     n = len(images)
     with torch.no_grad():
         boxes = len(ood_model([images[0]])[0]["instances"])
@@ -306,7 +310,7 @@ def measure_inference(baseline_model, ood_model, s, device):
     out["boxes_per_image"] = boxes
     scorer = ood_model.roi_heads.box_predictor.scorer
     out["score"], out["knn_bank_rows"] = scorer.score_name, len(scorer.knn_bank)
-    out["peak_gpu_memory_bytes"] = {name: cuda_peak_bytes(run(m), device)
+    out["peak_gpu_memory_bytes"] = {name: cuda_peak_bytes(infer_each(m, images), device)
                                     for name, m in (("baseline", baseline_model), ("variant", ood_model))}
     return out
 

@@ -208,7 +208,7 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
 def _real_inference(plain, model, batch, cfg, precisions, repeats, dev):
     """ms per image of ``plain`` and the inference ratio of ``model`` to it, per precision (see
     :func:`real_config_step`)."""
-    from ood_det.benchmark.cost import interleaved, mark_calibrated
+    from ood_det.benchmark.cost import infer_each, interleaved, mark_calibrated
 
     mark_calibrated(model.roi_heads.box_predictor, cfg.MODEL.OOD.KNN_BANK_SIZE)
     # Random weights decode boxes far outside the image, which post-processing drops as empty: with
@@ -224,20 +224,13 @@ def _real_inference(plain, model, batch, cfg, precisions, repeats, dev):
     plain.eval()
     model.eval()
 
-    def infer(m, amp):
-        def fn():
-            with torch.no_grad(), torch.autocast("cuda", enabled=amp):
-                for image in images:
-                    m([image])
-        return fn
-
     out = {}
     with torch.no_grad():
         boxes = len(model([images[0]])[0]["instances"])
     for amp in precisions:
         key = "amp" if amp else "fp32"
-        infer(plain, amp)(), infer(model, amp)()  # warm-up
-        t_plain, _, ratios = interleaved(infer(plain, amp), infer(model, amp), repeats, dev)
+        infer_each(plain, images, amp)(), infer_each(model, images, amp)()  # warm-up
+        t_plain, _, ratios = interleaved(infer_each(plain, images, amp), infer_each(model, images, amp), repeats, dev)
         out[f"plain_{key}_ms_per_image"] = round(1000 * statistics.median(t_plain) / len(images), 1)
         out[f"{key}_inference_ratio"] = round(statistics.median(ratios), 3)
     out["inference_boxes_per_image"] = boxes

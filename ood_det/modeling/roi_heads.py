@@ -295,7 +295,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         if not results:
             return results, kept
         # The kept boxes' proposals as rows of the whole batch: one pass of the OOD fields for all images.
-        if check is not None and math.isfinite(check.item()):  # every proposal kept its place in keep
+        if math.isfinite(check.item()):  # every proposal kept its place in keep
             sources = list(kept)
         else:
             sources = [_proposal_index(keep, b, p) for keep, b, p in zip(kept, boxes, probs)]

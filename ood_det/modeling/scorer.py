@@ -315,11 +315,16 @@ class OODScorer(nn.Module):
         key = (like.dtype, like.device, torch.is_inference_mode_enabled(), self.knn_weight,
                *(_version(b) for b in buffers))
         if self._cast_cache is None or self._cast_cache[0] != key:
-            stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)])
+            mean, std = self._mean_std()
             below = torch.where(self.calibrated, self.id_threshold, torch.full_like(self.id_threshold, -math.inf))
-            self._cast_cache = (key, {"mean": stats[:, 0].to(like), "std": stats[:, 1].clamp(min=1e-6).to(like),
+            self._cast_cache = (key, {"mean": mean.to(like), "std": std.to(like),
                                       "ood_below": below.to(like), "ood_above": (-below).to(like)})
         return self._cast_cache[1]
+
+    def _mean_std(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(4,) float64 mean and std (clamped away from 0) of each raw field, in ``RAW_FIELDS`` order."""
+        stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)])
+        return stats[:, 0], stats[:, 1].clamp(min=1e-6)
 
     def _coefficients(self, like: torch.Tensor, score: str, sign: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """((T,) scale per term, () shift) in ``like``'s dtype and device: ``sign * id_score`` of
@@ -330,10 +335,9 @@ class OODScorer(nn.Module):
         if key not in constants:
             terms = SCORE_TERMS[score]
             i = torch.tensor([list(RAW_FIELDS).index(t) for t in terms], device=self.stats.device)
-            stats = torch.cat([self.stats, self.knn_stats.unsqueeze(0)])[i]
-            mean, std = stats[:, 0], stats[:, 1].clamp(min=1e-6)
+            mean, std = (v[i] for v in self._mean_std())
             weight = torch.stack([self._term_weight(score, t) for t in terms])
-            orient = torch.tensor([RAW_FIELDS[t] for t in terms], dtype=stats.dtype, device=stats.device)
+            orient = torch.tensor([RAW_FIELDS[t] for t in terms], dtype=mean.dtype, device=mean.device)
             scale, shift = sign * weight * orient / std, -sign * (weight * mean / std).sum()
             constants[key] = (scale.to(like), shift.to(like))
         return constants[key]
