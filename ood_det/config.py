@@ -38,6 +38,11 @@ def add_ood_config(cfg):
     _C.MODEL.OOD.KNN_BANK_SIZE = 10000
     # Weight w of the kNN term in the "knn_energy" id score: std(-energy) + w * std(knn).
     _C.MODEL.OOD.KNN_WEIGHT = 1.0
+    # At inference on CUDA, score each batch's kept boxes through a CUDA graph: one launch where
+    # eager mode issues about 25, for where the host issuing kernels limits inference (a small
+    # backbone, one image at a time). The same scores (to float rounding: the rows are padded to a
+    # fixed count); no effect on the CPU.
+    _C.MODEL.OOD.CUDA_GRAPH_SCORING = False
 
     # Embedding head: box feature (D) -> hidden -> EMBED_DIM (E), L2-normalized.
     _C.MODEL.OOD.EMBED_DIM = 128

@@ -4,6 +4,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def atomic_write(path, write, binary: bool = False) -> Path:
     """Write a file all at once: ``write(f)`` fills a temporary file in the same
@@ -38,3 +40,8 @@ def atomic_write(path, write, binary: bool = False) -> Path:
 def format_number(x, digits: int = 1) -> str:
     """``x`` with ``digits`` decimals for a table or summary line; ``"-"`` for a missing value (None)."""
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t``'s in-place modification counter (-1 for inference tensors, which keep none)."""
+    return -1 if t.is_inference() else t._version

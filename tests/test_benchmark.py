@@ -524,6 +524,36 @@ def test_cost_inference_scores_boxes_with_the_configs_score(tmp_path, score, ban
     assert report._scored_by(out) == f", scored by {score}{bank}"  # the cost markdown's words
 
 
+def test_cost_inference_also_times_cuda_graph_scoring_where_it_applies(monkeypatch):
+    """On CUDA the inference cost is also timed with the kept boxes scored through CUDA graphs (here
+    on the CPU, with a recorder whose replay runs the work again); the model is left as it was."""
+    from test_graphs import eager_record
+
+    import ood_det.modeling.graphs as graphs
+    import ood_det.modeling.roi_heads as roi_heads
+
+    s = cost.cost_settings("tiny", {"repeats": 1, "images": 1})
+    device = torch.device("cpu")
+    baseline, ood_model, _ = cost.build_cost_models("shapes_energy_cfl.yaml", s, device)
+    assert "cuda_graph" not in cost.measure_inference(baseline, ood_model, s, device)  # not on the CPU
+    recorded = []
+    for module in (cost, roi_heads):
+        monkeypatch.setattr(module, "cuda_graphs_supported", lambda device: True)
+    monkeypatch.setattr(graphs, "record_cuda_graph", eager_record(recorded))
+    out = cost.measure_inference(baseline, ood_model, s, device)
+    graphed = out["cuda_graph"]
+    assert graphed["variant"] == "EnergyCFLROIHeads, CUDA graph scoring" and graphed["ratio"]["median"] > 0
+    assert recorded and ood_model.roi_heads.box_predictor.graphs is None
+
+    def refuse(work, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "record_cuda_graph", refuse)  # CUDA refuses: the eager cost stands, and why not
+    out = cost.measure_inference(baseline, ood_model, s, device)
+    assert out["cuda_graph"] == {"error": "CUDA graph scoring recorded no graph (see the warning above); not timed"}
+    assert out["ratio"]["median"] > 0
+
+
 # ---------------------------------------------------------------- tools/benchmark.py end to end
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):

@@ -131,3 +131,97 @@ def test_predictor_on_cuda_matches_cpu(trained, data, no_tf32):
         assert torch.equal(gpu.is_ood.cpu(), scorer.is_ood(id_score))
         compared += len(cpu)
     assert compared > 0
+
+
+def test_graphed_scoring_on_cuda_matches_eager(trained, data, no_tf32):
+    """MODEL.OOD.CUDA_GRAPH_SCORING on the trained model: the same boxes and, to float32 rounding
+    (the graph's matrix products run on rows padded to its capacity), the same fields."""
+    out, _ = trained
+    opts = ["MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05",
+            "MODEL.DEVICE", "cuda"]
+    eager = OODPredictor(load_config("shapes_energy_cfl", opts))
+    graphed = OODPredictor(load_config("shapes_energy_cfl", [*opts, "MODEL.OOD.CUDA_GRAPH_SCORING", "True"]))
+    graphs = graphed.model.roi_heads.box_predictor.graphs
+    compared = 0
+    for d in DatasetCatalog.get(f"{PREFIX}_ood")[:4] + DatasetCatalog.get(f"{PREFIX}_test")[:4]:
+        image = np.ascontiguousarray(np.asarray(Image.open(d["file_name"]).convert("RGB"))[:, :, ::-1])
+        e, g = eager(image), graphed(image)
+        assert len(g) == len(e)  # the same detector before the scoring: the same boxes, in the same order
+        torch.testing.assert_close(g.pred_boxes.tensor, e.pred_boxes.tensor, atol=1e-4, rtol=0)
+        torch.testing.assert_close(g.scores, e.scores, atol=1e-6, rtol=0)
+        _same_scoring(g.get_fields(), e.get_fields(), graphed.scorer, atol=1e-5)
+        compared += len(e)
+    assert compared > 0 and len(graphs) >= 1
+
+
+def _same_scoring(got, want, scorer, atol):
+    """Graphed and eager fields of the same boxes on one GPU: the raw fields to ``atol`` (knn as
+    the similarity to the k-th neighbour, see test_predictor_on_cuda_matches_cpu), the graph's
+    ood_score and is_ood those of its own raw fields."""
+    for field in ("energy", "msp", "rep_score"):
+        torch.testing.assert_close(got[field].double(), want[field].double(), atol=atol, rtol=0, msg=field)
+    similarity = [1 - f["knn"].double() ** 2 / 2 for f in (got, want)]
+    torch.testing.assert_close(*similarity, atol=atol, rtol=0)
+    id_score = scorer.id_score({f: got[f] for f in scorer.raw_fields})
+    torch.testing.assert_close(got["ood_score"], -id_score)
+    assert torch.equal(got["is_ood"], scorer.is_ood(id_score))
+
+
+def _cuda_head(records):
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    from ood_det.modeling.roi_heads import EnergyCFLOutputLayers
+    from ood_det.modeling.scorer import OODScorer
+
+    torch.manual_seed(0)
+    scorer = OODScorer(has_representation=True, score="knn_energy", knn_k=3, knn_bank_size=200)
+    head = EnergyCFLOutputLayers(
+        input_shape=ShapeSpec(channels=32), box2box_transform=Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0)),
+        num_classes=5, test_score_thresh=0.0, test_nms_thresh=0.5, test_topk_per_image=100, mode="energy_cfl",
+        scorer=scorer, embed_dim=8, synthesizer=object(), cuda_graph_scoring=True,
+    )
+    with torch.no_grad():
+        scorer.resize_knn_bank((200, 8))
+        scorer.knn_bank.copy_(torch.nn.functional.normalize(torch.randn(200, 8), dim=1))
+        scorer.stats.copy_(torch.tensor([[3.0, 2.0], [0.5, 0.1], [0.2, 0.3]], dtype=torch.float64))
+        scorer.knn_stats.copy_(torch.tensor([-0.8, 0.2], dtype=torch.float64))
+        scorer.calibrated.fill_(True)
+    head = head.to("cuda").eval()
+    record = head.graphs.record
+    head.graphs.record = lambda work, device: records.append(device) or record(work, device)
+    return head
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_graphed_scoring_records_per_capacity_and_state_on_cuda(amp, no_tf32):
+    """The recorded work on a GPU, in full and mixed precision: every row count, results that the
+    next replay does not overwrite, replays after autocast exited (the casts are in the graph), a
+    new recording after the calibration changes."""
+    records = []
+    head = _cuda_head(records)
+    logits = torch.randn(300, 6, device="cuda") * 3
+    features = torch.randn(300, 32, device="cuda")
+    atol = 5e-3 if amp else 1e-5
+    kept = []
+    for round_ in range(2):
+        with torch.no_grad(), torch.autocast("cuda", enabled=amp):
+            for rows in (5, 100, 70, 300):
+                source = torch.randperm(300, device="cuda")[:rows]
+                got = head._graphed_fields(logits, features, source)
+                want = head._ood_fields(logits[source], features[source])
+                assert got is not None and all(got[k].dtype == want[k].dtype for k in want)
+                _same_scoring(got, want, head.scorer, atol)
+                kept.append((got, {k: v.clone() for k, v in got.items()}))
+    assert len(records) == 3  # capacities 64, 128 and 512, recorded once for both rounds
+    for got, copy_ in kept:
+        assert all(torch.equal(got[k], copy_[k]) for k in copy_)
+    with torch.no_grad():
+        head.scorer.id_threshold.fill_(-0.25)  # a new calibration: recorded again
+        with torch.autocast("cuda", enabled=amp):
+            source = torch.arange(40, device="cuda")
+            got = head._graphed_fields(logits, features, source)
+            want = head._ood_fields(logits[source], features[source])
+    assert len(records) == 4
+    _same_scoring(got, want, head.scorer, atol)
+    assert got["is_ood"].any() or not want["is_ood"].any()

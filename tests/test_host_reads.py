@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ood_det.benchmark.profile import runs_kernel
+from ood_det.modeling.graphs import RowGraphs
 from ood_det.modeling.roi_heads import EnergyCFLOutputLayers
 from ood_det.modeling.scorer import SCORE_NAMES, OODScorer
 from ood_det.modeling.synthesizer import NonParametricOutlierSynthesizer, VirtualOutlierSynthesizer
@@ -233,3 +234,31 @@ def test_scoring_kept_boxes_launches_few_kernels(mode, budget):
     # one norm: the box embeddings (energy_cfl) or features (vos) the kNN search and the centers need
     assert launches.ops.count("linalg_vector_norm") == 1, launches.ops
     assert len(launches.ops) <= budget, (len(launches.ops), launches.ops)
+
+
+@pytest.mark.parametrize("mode", ["vos", "energy_cfl"])
+def test_graphed_scoring_launches_its_copies_and_reads_nothing(mode, monkeypatch):
+    """Through a recorded graph (MODEL.OOD.CUDA_GRAPH_SCORING), scoring the kept boxes of a batch
+    costs the host one replay and 4 kernels: the kept rows gathered into the graph's two input
+    buffers, and the float and bool outputs copied out. No value is read on the host."""
+    import ood_det.modeling.roi_heads as roi_heads
+
+    monkeypatch.setattr(roi_heads, "cuda_graphs_supported", lambda device: True)
+    replays = []
+
+    def record(work, device):  # what a CUDA graph's replay launches is not the host's to count
+        return (lambda: replays.append(device)), work()
+
+    with torch.device(META):
+        syn = VirtualOutlierSynthesizer(3, 6, queue_size=2, start_iter=0)
+        head = _head(mode, syn, bank=12, score="knn_energy").eval()
+        head.graphs = RowGraphs(head._ood_fields, record=record)
+        logits, features, source = torch.zeros(30, 4), torch.zeros(30, 6), torch.arange(5)
+    with torch.no_grad(), HostReads() as reads:
+        head._graphed_fields(logits, features, source)  # records
+        with Launches() as launches:
+            fields = head._graphed_fields(logits, features, source)
+    assert reads.reads == []
+    assert {"knn", "ood_score", "is_ood"} <= set(fields) and fields["knn"].shape == (5,)
+    assert sorted(launches.ops) == ["clone", "clone", "index_select", "index_select"], launches.ops
+    assert len(replays) == 2

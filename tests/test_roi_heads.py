@@ -10,7 +10,9 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from test_graphs import eager_record
 
+import ood_det.modeling.roi_heads as roi_heads
 from ood_det import add_ood_config
 from ood_det.modeling.losses import cfl_loss, energy_loss_logistic, rep_outlier_loss
 from ood_det.modeling.roi_heads import EnergyCFLOutputLayers, EnergyCFLROIHeads
@@ -308,8 +310,6 @@ def _reference_fields(pred, logits, features, boxes, probs, keep):
 def test_kept_boxes_index_the_proposals_unless_one_was_dropped(poisoned, monkeypatch):
     """With every proposal finite, detectron2's kept indices are the proposals' own: the head maps
     them back (a sort over the proposals, several kernels) only when one is not finite."""
-    import ood_det.modeling.roi_heads as roi_heads
-
     calls = []
     mapping = roi_heads._proposal_index
     monkeypatch.setattr(roi_heads, "_proposal_index", lambda *a: calls.append(1) or mapping(*a))
@@ -424,3 +424,129 @@ def test_virtual_outliers_in_the_features_support(support):
     assert (outliers.min() >= 0) == (support == "relu")  # Gaussian tails reach below 0; relu clips them
     fields = pred.virtual_outlier_fields(rounds=3)
     assert set(fields) == {"energy", "msp", "rep_score"} and len(fields["energy"]) == 3 * 8 * NUM_CLASSES
+
+
+def _knn_predictor(monkeypatch, recorded, **kwargs):
+    """A calibrated energy_cfl predictor scoring knn_energy from a bank of 40 rows, its kept boxes
+    scored through RowGraphs with a recorder that runs on the CPU (tests/test_graphs.py)."""
+    monkeypatch.setattr(roi_heads, "cuda_graphs_supported", lambda device: True)
+    scorer = OODScorer(has_representation=True, score="knn_energy", knn_k=3, knn_bank_size=40)
+    pred = _predictor(scorer=scorer, test_score_thresh=0.0, cuda_graph_scoring=True, **kwargs)
+    pred.graphs.record = eager_record(recorded)
+    with torch.no_grad():
+        scorer.resize_knn_bank((40, 4))
+        scorer.knn_bank.copy_(torch.nn.functional.normalize(torch.randn(40, 4), dim=1))
+        scorer.stats.copy_(torch.tensor([[3.0, 2.0], [0.5, 0.1], [0.2, 0.3]], dtype=torch.float64))
+        scorer.knn_stats.copy_(torch.tensor([-0.8, 0.2], dtype=torch.float64))
+        scorer.id_threshold.fill_(-0.5)
+        scorer.calibrated.fill_(True)
+    return pred
+
+
+def _batch(counts, seed=3):
+    torch.manual_seed(seed)
+    props = []
+    for n in counts:
+        p = Instances((256, 256))
+        xy = torch.rand(n, 2) * 100
+        p.proposal_boxes = Boxes(torch.cat([xy, xy + 30], dim=1))
+        props.append(p)
+    total = sum(counts)
+    return (torch.randn(total, NUM_CLASSES + 1) * 3, torch.randn(total, 4 * NUM_CLASSES) * 0.1,
+            torch.randn(total, 6)), props
+
+
+def _eager_twin(pred, monkeypatch, predictions, props):
+    with monkeypatch.context() as m:
+        m.setattr(roi_heads, "cuda_graphs_supported", lambda device: False)
+        return pred.inference(predictions, props)[0]
+
+
+def _same_fields(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert set(g.get_fields()) == set(w.get_fields())
+        for name, value in w.get_fields().items():
+            mine = g.get(name)
+            if isinstance(value, Boxes):
+                mine, value = mine.tensor, value.tensor
+            assert mine.dtype == value.dtype, name
+            torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_graphed_scoring_gives_the_eager_fields_and_follows_the_state(monkeypatch):
+    """MODEL.OOD.CUDA_GRAPH_SCORING: the kept boxes' fields through the recorded work are the eager
+    ones, for one image and for a batch, and stay so when what the work reads changes (the
+    calibration, the centers, the bank) or eval() forgets the unit centers."""
+    recorded = []
+    pred = _knn_predictor(monkeypatch, recorded)
+    one, one_props = _batch([9])
+    batch, batch_props = _batch([7, 0, 12], seed=4)
+
+    def check():
+        with torch.no_grad():
+            for predictions, props in ((one, one_props), (batch, batch_props)):
+                got = pred.inference(predictions, props)[0]
+                _same_fields(got, _eager_twin(pred, monkeypatch, predictions, props))
+        return got
+
+    got = check()
+    assert len(recorded) == 1  # one capacity holds both: 9 and 19 kept boxes
+    assert {"knn", "rep_score", "ood_score", "is_ood"} <= set(got[0].get_fields())
+    assert got[0].is_ood.any() and (~got[0].is_ood).any()
+    with torch.no_grad():
+        pred.scorer.stats[0].copy_(torch.tensor([1.0, 4.0], dtype=torch.float64))  # a new calibration
+    check()
+    with torch.no_grad():
+        pred.centers.mul_(-1.0)  # an in-place change of the centers
+    check()
+    with torch.no_grad():
+        pred.scorer.knn_bank.mul_(-1.0)
+    check()
+    pred.eval()
+    assert len(pred.graphs) == 0
+    check()
+    assert len(recorded) == 5
+
+
+def test_graphed_scoring_leaves_calibration_autograd_and_an_empty_bank_to_eager(monkeypatch):
+    recorded = []
+    pred = _knn_predictor(monkeypatch, recorded)
+    predictions, props = _batch([6])
+    pred.emit_knn_embeddings = True  # calibration collects the knn embeddings
+    with torch.no_grad():
+        (r,), _ = pred.inference(predictions, props)
+    assert r.has("knn_embedding") and not recorded
+    pred.emit_knn_embeddings = False
+    pred.inference(predictions, props)  # autograd on
+    assert not recorded
+    with torch.no_grad():
+        pred.scorer.resize_knn_bank((0, 0))
+        (r,), _ = pred.inference(predictions, props)
+    assert torch.isnan(r.ood_score).all() and not recorded
+    pred.scorer.score_name = "combined"
+    with torch.no_grad():
+        pred.inference(predictions, props)
+    assert len(recorded) == 1
+
+
+def test_graphed_scoring_is_off_by_default_and_from_the_config():
+    assert _predictor().graphs is None
+    heads = _build(_cfg(CUDA_GRAPH_SCORING=True), _inputs()[1])
+    assert heads.box_predictor.graphs is not None
+    copied = copy.deepcopy(heads.box_predictor)
+    assert copied.graphs.fn.__self__ is copied
+
+
+def test_a_refused_recording_turns_graphed_scoring_off_with_a_warning(monkeypatch, caplog):
+    pred = _knn_predictor(monkeypatch, [])
+
+    def refuse(work, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    pred.graphs.record = refuse
+    predictions, props = _batch([6])
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        got = pred.inference(predictions, props)[0]
+    assert pred.graphs is None and "CUDA_GRAPH_SCORING turned off" in caplog.text
+    _same_fields(got, _eager_twin(pred, monkeypatch, predictions, props))

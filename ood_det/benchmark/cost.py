@@ -38,7 +38,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ..config import load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..modeling.graphs import cuda_graphs_supported
 from ..modeling.scorer import NEEDS_KNN
 from ..modeling.scores import knn_distance
 from ..modeling.synthesizer import VirtualOutlierSynthesizer, brute_force_sample
@@ -312,7 +313,37 @@ def measure_inference(baseline_model, ood_model, s, device):
     out["score"], out["knn_bank_rows"] = scorer.score_name, len(scorer.knn_bank)
     out["peak_gpu_memory_bytes"] = {name: cuda_peak_bytes(infer_each(m, images), device)
                                     for name, m in (("baseline", baseline_model), ("variant", ood_model))}
+    try:
+        graphed = graphed_inference_ratios(baseline_model, ood_model, images, s["repeats"], device)
+    except RuntimeError as e:
+        out["cuda_graph"] = {"error": one_line(e)}
+    else:
+        if graphed is not None:
+            out["cuda_graph"] = _pair_result("StandardROIHeads", "EnergyCFLROIHeads, CUDA graph scoring",
+                                             *graphed, "image", COST_TARGETS["inference_ratio"])
     return out
+
+
+def graphed_inference_ratios(baseline_model, ood_model, images, repeats, device, amp=False):
+    """On CUDA: (seconds per image of ``baseline_model``, of ``ood_model`` with its kept boxes scored
+    through CUDA graphs (``MODEL.OOD.CUDA_GRAPH_SCORING``), ratios), interleaved as
+    :func:`measure_inference`; the model's setting is restored after. None off CUDA; RuntimeError
+    where no graph was recorded (CUDA refused the recording: the head warned why)."""
+    predictor = ood_model.roi_heads.box_predictor
+    if not cuda_graphs_supported(torch.device(device)):
+        return None
+    saved = predictor.graphs
+    predictor.enable_cuda_graph_scoring()
+    try:
+        infer_each(ood_model, images, amp)()  # records the graph
+        if predictor.graphs is None or not len(predictor.graphs):
+            raise RuntimeError("CUDA graph scoring recorded no graph (see the warning above); not timed")
+        t_base, t_graph, ratios = interleaved(infer_each(baseline_model, images, amp),
+                                              infer_each(ood_model, images, amp), repeats, device)
+    finally:
+        predictor.graphs = saved
+    n = len(images)
+    return [t / n for t in t_base], [t / n for t in t_graph], ratios
 
 
 def standalone_synthesizer(s, device, dim=None, seed=0):

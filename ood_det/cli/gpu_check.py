@@ -21,7 +21,8 @@ not hide the others; about 5 minutes on one H100):
    for the wall-time estimates of the README, and its ratio to the plain detector's
    (StandardROIHeads, the same weights): the OOD head's cost at the real configs' size;
    then the same pair's inference, one image at a time, every image keeping its 100 boxes,
-   the OOD head calibrated for the config's score.
+   the OOD head calibrated for the config's score, its kept boxes scored eagerly and through
+   CUDA graphs (``MODEL.OOD.CUDA_GRAPH_SCORING``).
 
 Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``.
 Exit status 0 when every step passed, 1 otherwise.
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ood_det.errors import one_line
 from ood_det.utils import atomic_write
 from ood_det.utils import format_number as _num
 
@@ -110,6 +112,8 @@ def cost_step(out, device):
         result.update(
             train_step_ratio=cost["train_step"]["ratio"]["median"],
             inference_ratio=cost["inference"]["ratio"]["median"],
+            graph_inference_ratio=(cost["inference"].get("cuda_graph") or {}).get("ratio", {}).get("median"),
+            graph_inference_error=(cost["inference"].get("cuda_graph") or {}).get("error"),
             synthesis_speedup=cost["synthesis"]["speedup"]["median"],
             peak_gpu_memory_bytes={k: cost[k].get("peak_gpu_memory_bytes") for k in ("train_step", "inference")},
         )
@@ -208,7 +212,7 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
 def _real_inference(plain, model, batch, cfg, precisions, repeats, dev):
     """ms per image of ``plain`` and the inference ratio of ``model`` to it, per precision (see
     :func:`real_config_step`)."""
-    from ood_det.benchmark.cost import infer_each, interleaved, mark_calibrated
+    from ood_det.benchmark.cost import graphed_inference_ratios, infer_each, interleaved, mark_calibrated
 
     mark_calibrated(model.roi_heads.box_predictor, cfg.MODEL.OOD.KNN_BANK_SIZE)
     # Random weights decode boxes far outside the image, which post-processing drops as empty: with
@@ -233,6 +237,11 @@ def _real_inference(plain, model, batch, cfg, precisions, repeats, dev):
         t_plain, _, ratios = interleaved(infer_each(plain, images, amp), infer_each(model, images, amp), repeats, dev)
         out[f"plain_{key}_ms_per_image"] = round(1000 * statistics.median(t_plain) / len(images), 1)
         out[f"{key}_inference_ratio"] = round(statistics.median(ratios), 3)
+        try:
+            graphed = graphed_inference_ratios(plain, model, images, repeats, dev, amp)
+        except RuntimeError as e:
+            graphed, out[f"{key}_graph_inference_error"] = None, one_line(e, 300)
+        out[f"{key}_graph_inference_ratio"] = None if graphed is None else round(statistics.median(graphed[2]), 3)
     out["inference_boxes_per_image"] = boxes
     scorer = model.roi_heads.box_predictor.scorer
     out["inference_score"], out["knn_bank_rows"] = scorer.score_name, len(scorer.knn_bank)
@@ -270,7 +279,8 @@ def markdown(summary):
         f"- visualize_ood: {'passed' if vi.get('passed') else 'FAILED'}; {vi.get('images')} images, "
         f"{vi.get('boxes')} boxes, {vi.get('flagged')} flagged unknown",
         f"- cost on {summary['device']}: {'passed' if co.get('passed') else 'FAILED'}; training step "
-        f"{_num(co.get('train_step_ratio'), 3)}x, inference {_num(co.get('inference_ratio'), 3)}x of "
+        f"{_num(co.get('train_step_ratio'), 3)}x, inference {_num(co.get('inference_ratio'), 3)}x "
+        f"({_graphed(co.get('graph_inference_ratio'), co.get('graph_inference_error'))}) of "
         f"StandardROIHeads; synthesis {_num(co.get('synthesis_speedup'), 0)}x faster than brute force; peak GPU "
         f"memory {json.dumps(peak)}",
         f"- profile ({pr.get('steps')} training steps per model): {'passed' if pr.get('passed') else 'FAILED'}; "
@@ -287,7 +297,9 @@ def markdown(summary):
         f"{rc.get('inference_score')} score), one image at a time with {rc.get('inference_boxes_per_image')} boxes "
         f"each: {_num(rc.get('fp32_inference_ratio'), 3)}x "
         f"(fp32) and {_num(rc.get('amp_inference_ratio'), 3)}x (AMP) the plain detector's "
-        f"{rc.get('plain_fp32_ms_per_image')} / {rc.get('plain_amp_ms_per_image')} ms per image",
+        f"{rc.get('plain_fp32_ms_per_image')} / {rc.get('plain_amp_ms_per_image')} ms per image; "
+        f"{_graphed(rc.get('fp32_graph_inference_ratio'), rc.get('fp32_graph_inference_error'))} (fp32) and "
+        f"{_graphed(rc.get('amp_graph_inference_ratio'), rc.get('amp_graph_inference_error'))} (AMP)",
         f"- wall time {summary['wall_time_s']} s; all passed: {summary['all_passed']}", "",
     ]
     if summary.get("estimates"):
@@ -295,6 +307,11 @@ def markdown(summary):
                   "left out):", "", "| config | GPUs | precision | hours |", "| --- | ---: | --- | ---: |"]
         lines += [f"| {r['config']} | {r['gpus']} | {r['precision']} | {r['hours']} |" for r in summary["estimates"]]
     return "\n".join(lines) + "\n"
+
+
+def _graphed(ratio, error):
+    """The inference ratio with CUDA graph scoring, or why it was not timed."""
+    return f"not timed with CUDA graph scoring: {error}" if error else f"{_num(ratio, 3)}x with CUDA graph scoring"
 
 
 def _tracer(profile):

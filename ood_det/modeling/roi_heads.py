@@ -35,8 +35,10 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
+from ..errors import one_line
+from .graphs import RowGraphs, autocast_key, cuda_graphs_supported, state_key
 from .losses import EnergyLogistic, cfl_loss_of, energy_loss_logistic_of, energy_loss_margin, rep_outlier_loss_of
-from .scorer import KNN_EMBEDDING, OODScorer
+from .scorer import KNN_EMBEDDING, NEEDS_KNN, OODScorer
 from .scores import cosine_similarities, foreground_logits, neg_energy, unit_rows
 from .synthesizer import VirtualOutlierSynthesizer, build_synthesizer, host_to_device
 
@@ -79,6 +81,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         rep_out_weight: float = 1.0,
         synthesizer: Optional[VirtualOutlierSynthesizer] = None,
         outlier_support: str = "gaussian",
+        cuda_graph_scoring: bool = False,
         **kwargs,
     ):
         """
@@ -101,6 +104,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             synthesizer: outlier synthesizer; required unless mode is "vanilla".
             outlier_support: "gaussian" (outliers as drawn) or "relu" (clipped at 0, where the
                 post-ReLU box features live).
+            cuda_graph_scoring: at inference on CUDA, score the kept boxes through a CUDA graph
+                (:mod:`~ood_det.modeling.graphs`): one launch instead of one per operator.
             kwargs: arguments of ``FastRCNNOutputLayers`` (num_classes, box2box_transform, ...).
         """
         super().__init__(input_shape, **kwargs)
@@ -132,6 +137,9 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         #: Set by calibration: output boxes then carry their knn embedding (``KNN_EMBEDDING``) too.
         self.emit_knn_embeddings = False
         self._unit_centers_cache = None  # (key, unit centers) of unit_centers
+        #: The kept boxes' scoring through CUDA graphs (MODEL.OOD.CUDA_GRAPH_SCORING), else None.
+        self.graphs = None
+        self.enable_cuda_graph_scoring(cuda_graph_scoring)
 
     def _init_embedding(self, embed_dim: int, embed_hidden_dim: int) -> None:
         if embed_dim <= 0 or embed_hidden_dim <= 0:
@@ -165,6 +173,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             rep_out_margin=ood.REP_OUT_MARGIN,
             rep_out_weight=ood.REP_OUT_WEIGHT,
             outlier_support=ood.OUTLIER_SUPPORT,
+            cuda_graph_scoring=ood.CUDA_GRAPH_SCORING,
         )
         if ood.MODE != "vanilla":
             ret["synthesizer"] = build_synthesizer(
@@ -301,7 +310,9 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             sources = [_proposal_index(keep, b, p) for keep, b, p in zip(kept, boxes, probs)]
         starts = itertools.accumulate((len(p) for p in proposals), initial=0)
         source = cat([s + start if start else s for s, start in zip(sources, starts)])
-        fields = self._ood_fields(logits[source], features[source])
+        fields = self._graphed_fields(logits, features, source)
+        if fields is None:
+            fields = self._ood_fields(logits[source], features[source])
         sizes = [len(r) for r in results]
         for name, value in fields.items():
             for result, part in zip(results, value.split(sizes) if len(results) > 1 else (value,)):
@@ -326,6 +337,36 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         extra = {KNN_EMBEDDING: knn_embeddings} if self.emit_knn_embeddings else {}
         return {**fields, "ood_score": ood_score, "is_ood": is_ood, **extra}
 
+    def enable_cuda_graph_scoring(self, enabled: bool = True) -> None:
+        """Turn scoring through CUDA graphs (``MODEL.OOD.CUDA_GRAPH_SCORING``) on or off."""
+        self.graphs = RowGraphs(self._ood_fields) if enabled else None
+
+    def _graphed_fields(self, logits: torch.Tensor, features: torch.Tensor,
+                        source: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """:meth:`_ood_fields` of the ``source`` rows through :attr:`graphs`, where that applies:
+        on CUDA, in eval mode without autograd, a score that can score (a kNN score needs its
+        bank), not while calibration asks for the kNN embeddings. None elsewhere (the caller
+        computes eagerly), and where CUDA refuses a recording (which also turns the graphs off,
+        with a warning)."""
+        scorer = self.scorer
+        if (self.graphs is None or self.training or torch.is_grad_enabled() or self.emit_knn_embeddings
+                or not cuda_graphs_supported(features.device)
+                or (scorer.score_name in NEEDS_KNN and not scorer.has_bank)):
+            return None
+        state = list(self.embed.parameters()) + [self.centers] if self.embed is not None else []
+        state += list(scorer.buffers())
+        key = (logits.device, logits.dtype, features.dtype, logits.shape[1:], features.shape[1:],
+               torch.is_inference_mode_enabled(), autocast_key(), scorer.score_name, scorer.temperature,
+               scorer.knn_k, scorer.knn_weight, scorer.knn_chunk_elements, state_key(state))
+        try:
+            return self.graphs(key, (logits, features), source,
+                               hold=lambda: (self._unit_centers_cache, scorer._cast_cache))
+        except RuntimeError as e:  # a recording CUDA refused: inference goes on, eagerly
+            logger.warning("MODEL.OOD.CUDA_GRAPH_SCORING turned off, the boxes are scored eagerly: recording the "
+                           "CUDA graph failed (%s)", one_line(e, 300))
+            self.graphs = None
+            return None
+
     def unit_centers(self) -> torch.Tensor:
         """(K, E) the class centers scaled to unit length. In eval mode where autograd does not
         track them (inference), computed once per change of the centers (version, storage, device,
@@ -342,6 +383,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
 
     def train(self, mode: bool = True):
         self._unit_centers_cache = None
+        if self.graphs is not None:
+            self.graphs.clear()
         return super().train(mode)
 
     # Parent methods unpack predictions as (scores, deltas): give them just that.

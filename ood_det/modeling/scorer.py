@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..evaluation.metrics import threshold_at_tpr
+from ..utils import tensor_version
 from . import scores as S
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class OODScorer(nn.Module):
         of boxes."""
         buffers = (self.stats, self.knn_stats, self.rep_weight, self.id_threshold, self.calibrated)
         key = (like.dtype, like.device, torch.is_inference_mode_enabled(), self.knn_weight,
-               *(_version(b) for b in buffers))
+               *(tensor_version(b) for b in buffers))
         if self._cast_cache is None or self._cast_cache[0] != key:
             mean, std = self._mean_std()
             below = torch.where(self.calibrated, self.id_threshold, torch.full_like(self.id_threshold, -math.inf))
@@ -532,11 +533,6 @@ def _field(fields: Mapping, name: str):
     if name not in fields:
         raise KeyError(f"per-box field {name!r} is missing; the boxes carry {', '.join(sorted(fields))}")
     return fields[name]
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place modification counter (-1 for inference tensors, which keep none)."""
-    return -1 if t.is_inference() else t._version
 
 
 def _as_tensor(x) -> torch.Tensor:

@@ -35,6 +35,8 @@ from detectron2.config import configurable
 from torch import nn
 from torch.distributions import MultivariateNormal
 
+from ..utils import tensor_version
+
 logger = logging.getLogger(__name__)
 
 
@@ -288,11 +290,6 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place modification counter (-1 for inference tensors, which keep none)."""
-    return -1 if t.is_inference() else t._version
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -459,7 +456,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._host = (count, ptr, self._full_in(count), self._versions())
 
     def _versions(self) -> Tuple[int, int]:
-        return _version(self.queue_count), _version(self.queue_ptr)
+        return tensor_version(self.queue_count), tensor_version(self.queue_ptr)
 
     def _counters(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(K,) features held and (K,) next slot of each class queue, on the host. Read back from
