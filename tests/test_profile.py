@@ -176,3 +176,31 @@ def test_gpu_check_summary_reports_the_profile(tiny_profile):
     assert result["added_ops"][0]["op"] in line and f"in the forward: {result['sites']['top'][0]['site']}, " in line
     failed = gpu_check.markdown({**summary, "profile": {"passed": False, "error": "CUDA out of memory"}})
     assert "FAILED" in failed and "CUDA out of memory" in failed
+
+
+def test_inference_profile_counts_per_image_eager_and_graphed(monkeypatch):
+    """Per image: the plain detector, the OOD head's eager scoring and (here with CUDA graphs stood
+    in for by a recorder whose replay does nothing) its graphed scoring, whose host issues fewer
+    operators than the eager one."""
+    import ood_det.modeling.graphs as graphs
+    import ood_det.modeling.roi_heads as roi_heads
+
+    s = cost_settings("tiny")
+    cpu = P.profile_inference(s, "cpu", images=2)
+    assert list(cpu["models"]) == list(P.INFERENCE_VARIANTS[:2]) and cpu["images"] == 2
+    eager = cpu["added"][P.INFERENCE_VARIANTS[1]]
+    assert eager["aten_ops"] > 0 and eager["kernel_launches"] == eager["graph_launches"] == 0
+    for module in (P, roi_heads):
+        monkeypatch.setattr(module, "cuda_graphs_supported", lambda device: True)
+    monkeypatch.setattr(graphs, "record_cuda_graph", lambda work, device: ((lambda: None), work()))
+    result = P.profile_inference(s, "cpu", images=2)
+    assert list(result["models"]) == list(P.INFERENCE_VARIANTS)
+    graphed, eager = (result["added"][name] for name in P.INFERENCE_VARIANTS[:0:-1])
+    assert graphed["aten_ops"] < eager["aten_ops"]
+    lines = P.inference_markdown(result)
+    assert lines[2].startswith("| per image | StandardROIHeads | EnergyCFLROIHeads | EnergyCFLROIHeads, CUDA graph")
+    assert any(line.startswith("| graph_launches |") for line in lines)
+    summary = {"gpu": "a GPU", "torch": "2.x", "detectron2": "0.6", "device": "cuda", "wall_time_s": 1.0,
+               "all_passed": True, "profile": {"passed": True, "steps": 2, "added": {}, "inference": result}}
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- profile"))
+    assert "graph launches through CUDA graphs" in line and "graph launches eagerly" in line

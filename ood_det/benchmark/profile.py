@@ -15,6 +15,10 @@ A last pass over the OOD model alone, with the profiler's Python tracer, finds t
 ``ood_det`` behind each forward operator: the functions that add the operators, launches and
 (device) time, and which of them only call detectron2 (work the plain head does as well).
 
+A profile of inference, one image at a time, counts the same per image for the plain detector,
+the OOD head scoring its kept boxes eagerly and, on CUDA, through CUDA graphs
+(``MODEL.OOD.CUDA_GRAPH_SCORING``: its replays count as ``graph_launches``).
+
 Times under the profiler are inflated by it: the cost benchmark's timings are the ones to quote;
 this says where they come from. ``export_chrome_trace`` files open in ``chrome://tracing`` or
 Perfetto.
@@ -26,6 +30,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 from detectron2.utils.events import EventStorage
@@ -33,9 +38,20 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..errors import OODDetError
+from ..modeling.graphs import cuda_graphs_supported
 from ..utils import atomic_write
 from ..utils import format_number as _num
-from .cost import COST_PRESETS, _sync, build_cost_models, cost_settings, prefill, resolve_device, train_stepper
+from .cost import (
+    COST_PRESETS,
+    _sync,
+    build_cost_models,
+    cost_settings,
+    infer_each,
+    prefill,
+    resolve_device,
+    synthetic_batch,
+    train_stepper,
+)
 from .report import write_json
 
 #: The OOD head's forward parts marked in the profile: label -> (path from the box predictor, method).
@@ -301,6 +317,72 @@ def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, t
             "added": added, "added_ops": added_ops(*(models[m] for m in MODELS)), "sites": sites}
 
 
+#: The inference variants of :func:`profile_inference`: the plain detector, the OOD head scoring
+#: its kept boxes eagerly and through CUDA graphs (MODEL.OOD.CUDA_GRAPH_SCORING, on CUDA only).
+INFERENCE_VARIANTS = ("StandardROIHeads", "EnergyCFLROIHeads", "EnergyCFLROIHeads, CUDA graph scoring")
+
+
+def _is_graph_launch(name: str) -> bool:
+    return name.startswith("cu") and "GraphLaunch" in name  # cudaGraphLaunch, cuGraphLaunch
+
+
+def profile_inference(s, device, config="shapes_energy_cfl.yaml", images=4):
+    """Per image, what inference launches, one image at a time (the cost benchmark's case): the
+    plain detector, the OOD head scoring its kept boxes eagerly and, on CUDA, through CUDA graphs.
+
+    Returns:
+        {"images", "boxes_per_image", "models": {variant: per-image counts of
+        :func:`summarize_events` plus "graph_launches"}, "added": {variant: counts over the plain
+        detector's}} (the graphed variant only where CUDA graphs run).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    baseline_model, ood_model, _ = build_cost_models(config, s, device)
+    batch = synthetic_batch(images, s["image_size"], s["num_classes"], 2, device, with_instances=False)
+    predictor = ood_model.roi_heads.box_predictor
+    variants = INFERENCE_VARIANTS if cuda_graphs_supported(device) else INFERENCE_VARIANTS[:2]
+    models = {}
+    baseline_model.eval()
+    ood_model.eval()
+    try:
+        for name in variants:
+            model = baseline_model if name == INFERENCE_VARIANTS[0] else ood_model
+            predictor.enable_cuda_graph_scoring(name == INFERENCE_VARIANTS[2])
+            run = infer_each(model, batch)
+            run()  # warm-up (and the graphs' recording)
+            _sync(device)
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                wall = time.perf_counter() - start
+            events = prof.events()
+            models[name] = dict(summarize_events(events, len(batch), wall, cuda)["per_step"],
+                                graph_launches=sum(_is_graph_launch(e.name) for e in events
+                                                   if e.device_type == DeviceType.CPU) / len(batch))
+        if len(variants) == 3 and not predictor.graphs:
+            raise RuntimeError("CUDA graph scoring recorded no graph (see the warning above)")
+        with torch.no_grad():
+            boxes = len(ood_model([batch[0]])[0]["instances"])
+    finally:
+        predictor.enable_cuda_graph_scoring(False)
+    base = models[INFERENCE_VARIANTS[0]]
+    added = {name: {k: (None if base[k] is None else round(v - base[k], 3)) for k, v in counts.items()}
+             for name, counts in models.items() if name != INFERENCE_VARIANTS[0]}
+    return {"images": len(batch), "boxes_per_image": boxes, "models": models, "added": added}
+
+
+def inference_markdown(result) -> List[str]:
+    """The inference profile's table (:func:`profile_inference`)."""
+    names = list(result["models"])
+    lines = [f"Inference, one image at a time ({result['images']} images, {result['boxes_per_image']} boxes each), "
+             "per image:", "", "| per image | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for key in ("aten_ops", "kernel_launches", "graph_launches", "host_waits", "copies", "wall_ms"):
+        lines.append(f"| {key} | " + " | ".join(_num(result["models"][n][key]) for n in names) + " |")
+    return lines
+
+
 def markdown(result) -> str:
     """The profile as a few lines and its tables."""
     base, ood = (result["models"][m]["per_step"] for m in MODELS)
@@ -335,6 +417,8 @@ def markdown(result) -> str:
         lines += ["", f"No operator placed: the Python tracer recorded {tracer['frames']} frames, "
                   f"{tracer['own_frames']} of them ood_det's, {tracer['operators_placed']} operators under one "
                   f"(e.g. {', '.join(f'`{n}`' for n in tracer['sample']) or 'none'})."]
+    if result.get("inference"):
+        lines += ["", *inference_markdown(result["inference"])]
     return "\n".join(lines) + "\n"
 
 
@@ -363,6 +447,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = profile_train_step(cost_settings(args.scale), device, steps=args.steps, trace_dir=args.output)
+    result["inference"] = profile_inference(cost_settings(args.scale), device)
     write_profile(result, args.output)
     print(markdown(result))
     return 0

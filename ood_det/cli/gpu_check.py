@@ -15,7 +15,9 @@ not hide the others; about 5 minutes on one H100):
 5. ``torch.profiler`` over one refit period of training steps of the cost models (plain and
    OOD head, :mod:`ood_det.benchmark.profile`): kernel launches, host waits and device time per
    step, the OOD head's parts, the operators it adds and the functions of ood_det behind its
-   forward operators (``profile.md``, ``profile.json`` and Chrome traces under ``profile/``);
+   forward operators (``profile.md``, ``profile.json`` and Chrome traces under ``profile/``); and
+   per image at inference, the launches of the plain detector and of the OOD head scoring its
+   kept boxes eagerly and through CUDA graphs;
 6. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
    800-pixel images, random weights, learning rate 0), in full and mixed precision,
    for the wall-time estimates of the README, and its ratio to the plain detector's
@@ -125,15 +127,16 @@ def profile_step(out, device):
     per-step counts of both models, the OOD head's parts, the ten operators it adds most time to and
     the ten functions of ood_det whose forward operators take the most time."""
     from ood_det.benchmark.cost import cost_settings
-    from ood_det.benchmark.profile import MODELS, profile_train_step, write_profile
+    from ood_det.benchmark.profile import MODELS, profile_inference, profile_train_step, write_profile
 
     start = time.perf_counter()
     result = profile_train_step(cost_settings("full"), device, trace_dir=out / "profile")
+    result["inference"] = profile_inference(cost_settings("full"), device)
     write_profile(result, out)
     return {"passed": True, "seconds": round(time.perf_counter() - start, 1), "steps": result["steps"],
             "per_step": {m: result["models"][m]["per_step"] for m in MODELS}, "added": result["added"],
             "parts": result["models"][MODELS[1]]["parts"], "added_ops": result["added_ops"][:10],
-            "sites": dict(result["sites"], top=result["sites"]["top"][:10])}
+            "sites": dict(result["sites"], top=result["sites"]["top"][:10]), "inference": result["inference"]}
 
 
 def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10, repeats=4,
@@ -288,7 +291,7 @@ def markdown(summary):
         f"{_num(added.get('host_waits'), 0)} host waits and {_num(added.get('device_busy_ms'), 2)} ms of device "
         f"time per step; most added time: {', '.join(r['op'] for r in (pr.get('added_ops') or [])[:3]) or '-'}; "
         f"in the forward: {', '.join(r['site'] for r in top_sites[:3]) or _tracer(pr)} "
-        f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}",
+        f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}{_inference_launches(pr.get('inference'))}",
         f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
         f" ms ({rc.get('amp_peak_mem_mib')} MiB); {_num(rc.get('fp32_ratio'), 3)}x (fp32) and "
@@ -307,6 +310,19 @@ def markdown(summary):
                   "left out):", "", "| config | GPUs | precision | hours |", "| --- | ---: | --- | ---: |"]
         lines += [f"| {r['config']} | {r['gpus']} | {r['precision']} | {r['hours']} |" for r in summary["estimates"]]
     return "\n".join(lines) + "\n"
+
+
+def _inference_launches(inference):
+    """What scoring the kept boxes adds to an image's inference, in launches (the profile's)."""
+    if not inference:
+        return ""
+    added = inference["added"]
+    parts = [f"{_num(a.get('kernel_launches'), 0)} kernel launches and {_num(a.get('graph_launches'), 0)} "
+             f"graph launches {'through CUDA graphs' if 'CUDA graph' in name else 'eagerly'}"
+             for name, a in added.items()]
+    return (f"; at inference the OOD head adds, per image of {inference['boxes_per_image']} boxes, "
+            f"{', and '.join(parts)} (the plain detector: "
+            f"{_num(inference['models']['StandardROIHeads'].get('kernel_launches'), 0)})")
 
 
 def _graphed(ratio, error):
