@@ -204,3 +204,15 @@ def test_inference_profile_counts_per_image_eager_and_graphed(monkeypatch):
                "all_passed": True, "profile": {"passed": True, "steps": 2, "added": {}, "inference": result}}
     line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- profile"))
     assert "graph launches through CUDA graphs" in line and "graph launches eagerly" in line
+
+    def refuse(work, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "record_cuda_graph", refuse)  # the eager counts stand, and why not graphed
+    refused = P.profile_inference(s, "cpu", images=1)
+    assert list(refused["models"]) == list(P.INFERENCE_VARIANTS[:2])
+    assert "recorded no graph" in refused["cuda_graph_error"]
+    assert "Not profiled with CUDA graph scoring" in P.inference_markdown(refused)[-1]
+    summary["profile"]["inference"] = refused
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- profile"))
+    assert "not through CUDA graphs: CUDA graph scoring recorded no graph" in line

@@ -320,9 +320,10 @@ def _inference_launches(inference):
     parts = [f"{_num(a.get('kernel_launches'), 0)} kernel launches and {_num(a.get('graph_launches'), 0)} "
              f"graph launches {'through CUDA graphs' if 'CUDA graph' in name else 'eagerly'}"
              for name, a in added.items()]
+    refused = f"; not through CUDA graphs: {inference['cuda_graph_error']}" if inference.get("cuda_graph_error") else ""
     return (f"; at inference the OOD head adds, per image of {inference['boxes_per_image']} boxes, "
             f"{', and '.join(parts)} (the plain detector: "
-            f"{_num(inference['models']['StandardROIHeads'].get('kernel_launches'), 0)})")
+            f"{_num(inference['models']['StandardROIHeads'].get('kernel_launches'), 0)}){refused}")
 
 
 def _graphed(ratio, error):
