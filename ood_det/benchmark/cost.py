@@ -336,7 +336,7 @@ def graphed_inference_ratios(baseline_model, ood_model, images, repeats, device,
     predictor.enable_cuda_graph_scoring()
     try:
         infer_each(ood_model, images, amp)()  # records the graph
-        if predictor.graphs is None or not len(predictor.graphs):
+        if not predictor.graphs:  # None, or no graph recorded
             raise RuntimeError("CUDA graph scoring recorded no graph (see the warning above); not timed")
         t_base, t_graph, ratios = interleaved(infer_each(baseline_model, images, amp),
                                               infer_each(ood_model, images, amp), repeats, device)

@@ -51,9 +51,9 @@ def autocast_key() -> Tuple[bool, torch.dtype]:
 
 
 def state_key(tensors: Iterable[torch.Tensor]) -> Tuple:
-    """What identifies tensors that recorded work reads: each one's object, address, version,
-    shape and dtype (an in-place change, a replaced or moved tensor all change it)."""
-    return tuple((id(t), t.data_ptr(), tensor_version(t), t.shape, t.dtype) for t in tensors)
+    """What identifies tensors that recorded (or cached) work reads: each one's object, device,
+    address, version, shape and dtype (an in-place change, a replaced or moved tensor all change it)."""
+    return tuple((id(t), t.device, t.data_ptr(), tensor_version(t), t.shape, t.dtype) for t in tensors)
 
 
 def record_cuda_graph(work: Callable[[], object], device: torch.device):

@@ -369,13 +369,13 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
 
     def unit_centers(self) -> torch.Tensor:
         """(K, E) the class centers scaled to unit length. In eval mode where autograd does not
-        track them (inference), computed once per change of the centers (version, storage, device,
-        dtype), not once per batch of boxes; :meth:`train` forgets them (a fused optimizer step can
+        track them (inference), computed once per change of the centers (:func:`state_key`), not
+        once per batch of boxes; :meth:`train` forgets them (a fused optimizer step can
         change the values without a new version)."""
         centers = self.centers
         if self.training or (torch.is_grad_enabled() and centers.requires_grad):
             return unit_rows(centers)
-        key = (centers.data_ptr(), centers._version, centers.device, centers.dtype, torch.is_inference_mode_enabled())
+        key = (state_key((centers,)), torch.is_inference_mode_enabled())
         if self._unit_centers_cache is None or self._unit_centers_cache[0] != key:
             with torch.no_grad():
                 self._unit_centers_cache = (key, F.normalize(centers, dim=1))
