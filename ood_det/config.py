@@ -43,6 +43,12 @@ def add_ood_config(cfg):
     # backbone, one image at a time). The same scores (to float rounding: the rows are padded to a
     # fixed count); no effect on the CPU.
     _C.MODEL.OOD.CUDA_GRAPH_SCORING = False
+    # In training, compute the OOD losses (energy, embedding head, CFL, repulsion) through
+    # torch.compile: a few fused kernels, forward and backward, where eager mode issues about 110,
+    # for where the host issuing kernels limits training (a small backbone, a fast GPU). The same
+    # losses (to float rounding); the first step compiles (seconds to a minute), and a compilation
+    # that fails (no C++ compiler or Triton) falls back to eager mode with a warning.
+    _C.MODEL.OOD.COMPILE_LOSSES = False
 
     # Embedding head: box feature (D) -> hidden -> EMBED_DIM (E), L2-normalized.
     _C.MODEL.OOD.EMBED_DIM = 128

@@ -554,6 +554,37 @@ def test_cost_inference_also_times_cuda_graph_scoring_where_it_applies(monkeypat
     assert out["ratio"]["median"] > 0
 
 
+def test_cost_train_step_also_times_compiled_losses_where_asked(monkeypatch):
+    """On CUDA (here asked for on the CPU, with torch.compile's aot_eager backend) the training step
+    is also timed with the OOD losses compiled, next to the same baseline; the model is left as it
+    was; where compiling fails, the eager cost stands and the result says why."""
+    import ood_det.modeling.compiled as compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    s = cost.cost_settings("tiny", {"repeats": 1})
+    device = torch.device("cpu")
+    baseline, ood_model, cfg = cost.build_cost_models("shapes_energy_cfl.yaml", s, device)
+    assert "compiled" not in cost.measure_train_step(baseline, ood_model, cfg, s, device)  # not on the CPU
+    out = cost.measure_train_step(baseline, ood_model, cfg, s, device, compiled=True)
+    timed = out["compiled"]
+    assert timed["variant"] == "EnergyCFLROIHeads, compiled losses" and timed["ratio"]["median"] > 0
+    assert timed["unit"] == out["unit"] and ood_model.roi_heads.box_predictor.compiled_losses is None
+    rows = report._train_rows({"batch": s["batch"]}, out)  # the cost table's rows
+    assert [r["measure"] for r in rows] == [f"training step (batch {s['batch']})",
+                                            f"training step (batch {s['batch']}), compiled OOD losses"]
+    assert rows[1]["ratio"].count(" / ") == 2
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("Cannot find a working triton installation")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    out = cost.measure_train_step(baseline, ood_model, cfg, s, device, compiled=True)
+    assert out["compiled"] == {"error": "torch.compile failed (Cannot find a working triton installation); not timed"}
+    assert out["ratio"]["median"] > 0 and ood_model.roi_heads.box_predictor.compiled_losses is None
+
+
 # ---------------------------------------------------------------- tools/benchmark.py end to end
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):

@@ -27,6 +27,7 @@ def test_real_config_step_times_the_ood_detector_against_the_plain_one(real_step
     assert math.isfinite(r["plain_fp32_ms_per_image"]) and 0.5 < r["fp32_inference_ratio"] < 3
     assert "amp_inference_ratio" not in r
     assert r["fp32_graph_inference_ratio"] is None  # CUDA graphs only on CUDA
+    assert r["fp32_compiled_ratio"] is None and "fp32_compiled_error" not in r  # compiled losses timed on CUDA
     rows = gpu_check.estimates({**r, "amp_ms_per_step": r["fp32_ms_per_step"]})
     assert {row["config"] for row in rows} == {"voc", "bdd"}
 
@@ -35,14 +36,31 @@ def test_gpu_check_summary_reports_the_real_config_ratio(real_step):
     rc = {**real_step, "amp_ms_per_step": 50.0, "amp_peak_mem_mib": 1600, "amp_ratio": 1.0234,
           "plain_amp_ms_per_step": 48.9, "fp32_ratio": 1.0456, "plain_fp32_ms_per_step": 53.7,
           "fp32_inference_ratio": 1.0123, "amp_inference_ratio": 1.0087, "plain_fp32_ms_per_image": 21.4,
-          "plain_amp_ms_per_image": 17.2, "fp32_graph_inference_ratio": 1.0041, "amp_graph_inference_ratio": 1.0032}
+          "plain_amp_ms_per_image": 17.2, "fp32_graph_inference_ratio": 1.0041, "amp_graph_inference_ratio": 1.0032,
+          "fp32_compiled_ratio": 1.0312, "amp_compiled_ratio": 1.0287}
     summary = {"gpu": "a GPU", "torch": "2.x", "detectron2": "0.6", "device": "cuda", "wall_time_s": 1.0,
                "all_passed": True, "real_config": rc}
     line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- voc_energy_cfl.yaml"))
     assert "1.046x (fp32) and 1.023x (AMP) the plain detector's step" in line
-    assert "53.7 / 48.9 ms" in line
+    assert "53.7 / 48.9 ms; 1.031x with compiled losses (fp32) and 1.029x with compiled losses (AMP))" in line
     assert "1.012x (fp32) and 1.009x (AMP) the plain detector's 21.4 / 17.2 ms per image" in line
     assert "1.004x with CUDA graph scoring (fp32) and 1.003x with CUDA graph scoring (AMP)" in line
     rc.update(amp_graph_inference_ratio=None, amp_graph_inference_error="capture refused")
     line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- voc_energy_cfl.yaml"))
     assert "not timed with CUDA graph scoring: capture refused (AMP)" in line
+    rc.update(fp32_compiled_ratio=None, fp32_compiled_error="torch.compile failed (no triton)")
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- voc_energy_cfl.yaml"))
+    assert "not timed with compiled losses: torch.compile failed (no triton) (fp32)" in line
+
+
+def test_gpu_check_summary_reports_the_cost_with_compiled_losses_and_cuda_graphs():
+    cost = {"passed": True, "train_step_ratio": 1.1412, "compiled_train_step_ratio": 1.0813, "inference_ratio": 1.0523,
+            "graph_inference_ratio": 1.0187, "synthesis_speedup": 131.2, "peak_gpu_memory_bytes": {}}
+    summary = {"gpu": "a GPU", "torch": "2.x", "detectron2": "0.6", "device": "cuda", "wall_time_s": 1.0,
+               "all_passed": True, "cost": cost}
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- cost on"))
+    assert ("training step 1.141x (1.081x with compiled losses), inference 1.052x (1.019x with CUDA graph "
+            "scoring) of StandardROIHeads") in line
+    cost.update(compiled_train_step_ratio=None, compiled_train_step_error="torch.compile failed (no triton)")
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- cost on"))
+    assert "training step 1.141x (not timed with compiled losses: torch.compile failed (no triton))" in line

@@ -178,6 +178,42 @@ def test_gpu_check_summary_reports_the_profile(tiny_profile):
     assert "FAILED" in failed and "CUDA out of memory" in failed
 
 
+def test_profile_counts_the_ood_model_with_compiled_losses_where_asked(monkeypatch):
+    """On CUDA (here asked for on the CPU, with torch.compile's aot_eager backend) the OOD model is
+    profiled once more with its losses compiled; where compiling fails, the profile says why."""
+    import torch
+
+    import ood_det.modeling.compiled as compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    result = P.profile_train_step(cost_settings("tiny"), "cpu", steps=2)
+    assert "compiled" not in result  # not on the CPU unless asked
+    result = P.profile_train_step(cost_settings("tiny"), "cpu", steps=2, compiled=True)
+    c = result["compiled"]
+    base = result["models"][P.MODELS[0]]["per_step"]
+    assert c["per_step"]["aten_ops"] > base["aten_ops"] and c["per_step"]["kernel_launches"] == 0
+    assert c["added"]["aten_ops"] == pytest.approx(c["per_step"]["aten_ops"] - base["aten_ops"])
+    text = P.markdown(result)
+    assert "With the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES): 0.0 kernel launches (0.0 added)" in text
+    summary = {"gpu": "a GPU", "torch": "2.x", "detectron2": "0.6", "device": "cuda", "wall_time_s": 1.0,
+               "all_passed": True, "profile": {"passed": True, "steps": 2, "added": result["added"],
+                                               "added_ops": [], "sites": result["sites"],
+                                               "compiled": {"added": {"kernel_launches": 40.0, "wall_ms": 0.8}}}}
+    line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- profile"))
+    assert "with its losses compiled it adds 40 kernel launches and 0.80 ms of wall time per step" in line
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("Cannot find a working triton installation")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    result = P.profile_train_step(cost_settings("tiny"), "cpu", steps=2, compiled=True)
+    assert result["compiled"] == {"error": "torch.compile failed (Cannot find a working triton installation)"}
+    assert "Not profiled with the OOD losses compiled: torch.compile failed" in P.markdown(result)
+    assert result["models"][P.MODELS[1]]["per_step"]["aten_ops"] > 0
+
+
 def test_inference_profile_counts_per_image_eager_and_graphed(monkeypatch):
     """Per image: the plain detector, the OOD head's eager scoring and (here with CUDA graphs stood
     in for by a recorder whose replay does nothing) its graphed scoring, whose host issues fewer

@@ -7,9 +7,11 @@ repeat) so that they share the machine's noise; min / median / max over the repe
   ``EnergyCFLROIHeads`` (mode energy_cfl, queues pre-filled, iteration >= START_ITER, so
   outliers are synthesized every step) vs the same detector with ``StandardROIHeads``:
   same weights, same fixed synthetic batch, learning rate 0 so the workload never changes,
-  no gradient clipping (the VOC and BDD solvers' choice);
+  no gradient clipping (the VOC and BDD solvers' choice); on CUDA also with the OOD losses
+  compiled (``MODEL.OOD.COMPILE_LOSSES``);
 - inference time per image, same pair (score threshold 0: every image keeps its
-  TEST.DETECTIONS_PER_IMAGE boxes, each with OOD fields);
+  TEST.DETECTIONS_PER_IMAGE boxes, each with OOD fields); on CUDA also with the kept boxes
+  scored through CUDA graphs (``MODEL.OOD.CUDA_GRAPH_SCORING``);
 - one synthesis step of ``VirtualOutlierSynthesizer`` (enqueue one batch of foreground
   features, refit the Gaussian, draw) vs ``brute_force_sample`` (VOS: draw N per class,
   evaluate the density, keep the least likely), with a two-sample Kolmogorov-Smirnov check
@@ -250,8 +252,10 @@ def train_stepper(cfg, s, device, models):
 
 
 # ---------------------------------------------------------------- the four measurements
-def measure_train_step(baseline_model, ood_model, cfg, s, device):
-    """Seconds per training step of both detectors, outlier synthesis active in ``ood_model``."""
+def measure_train_step(baseline_model, ood_model, cfg, s, device, compiled=None):
+    """Seconds per training step of both detectors, outlier synthesis active in ``ood_model``; and
+    with ``compiled`` (default: on CUDA) those of ``ood_model`` with its OOD losses compiled
+    (``MODEL.OOD.COMPILE_LOSSES``) next to the same baseline, as ``"compiled"``."""
     start_iter = int(cfg.MODEL.OOD.START_ITER)
     synth = ood_model.roi_heads.box_predictor.synthesizer
     prefill(synth)
@@ -273,6 +277,9 @@ def measure_train_step(baseline_model, ood_model, cfg, s, device):
         t_base, t_ood, ratios = interleaved(run(baseline_model), run(ood_model), s["repeats"], device)
         peaks = {name: cuda_peak_bytes(lambda m=m: step(m, 0), device)
                  for name, m in (("baseline", baseline_model), ("variant", ood_model))}
+        if compiled is None:
+            compiled = torch.device(device).type == "cuda"
+        with_compiled = compiled and _compiled_result(run, baseline_model, ood_model, s, device, per)
         active = synth.ready(start_iter)
     out = _pair_result("StandardROIHeads", "EnergyCFLROIHeads", [t / per for t in t_base],
                        [t / per for t in t_ood], ratios, f"training step (batch {s['batch']})",
@@ -281,7 +288,36 @@ def measure_train_step(baseline_model, ood_model, cfg, s, device):
     out["peak_gpu_memory_bytes"] = peaks
     out["iteration"] = start_iter
     out["refit_period"], out["steps_per_repeat"] = period, per
+    if with_compiled:
+        out["compiled"] = with_compiled
     return out
+
+
+def _compiled_result(run, baseline_model, ood_model, s, device, per):
+    """The pair result of :func:`compiled_train_times`, or ``{"error"}`` where compiling failed."""
+    try:
+        t_base, t_compiled, ratios = compiled_train_times(run, baseline_model, ood_model, s["repeats"], device)
+    except RuntimeError as e:
+        return {"error": one_line(e)}
+    return _pair_result("StandardROIHeads", "EnergyCFLROIHeads, compiled losses", [t / per for t in t_base],
+                        [t / per for t in t_compiled], ratios, f"training step (batch {s['batch']})",
+                        COST_TARGETS["train_step_ratio"])
+
+
+def compiled_train_times(run, baseline_model, ood_model, repeats, device):
+    """(seconds per repeat of ``run(baseline_model)``, of ``run(ood_model)`` with the OOD losses
+    compiled (``MODEL.OOD.COMPILE_LOSSES``), ratios), interleaved; one warm-up repeat compiles. The
+    model's setting is restored after. RuntimeError where the compilation failed (the head warned why)."""
+    predictor = ood_model.roi_heads.box_predictor
+    saved = predictor.compiled_losses
+    predictor.enable_compiled_losses()
+    try:
+        run(ood_model)()  # compiles, for every count of foreground proposals of the repeat
+        if predictor.compiled_losses.error:
+            raise RuntimeError(f"torch.compile failed ({predictor.compiled_losses.error}); not timed")
+        return interleaved(run(baseline_model), run(ood_model), repeats, device)
+    finally:
+        predictor.compiled_losses = saved
 
 
 def infer_each(model, images, amp=False):

@@ -264,17 +264,21 @@ def added_ops(baseline, variant, top: int = 15):
     return [{"op": n, "extra_count": round(c, 2), "extra_us": round(t, 1)} for n, c, t in rows[:top]]
 
 
-def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, trace_dir=None):
+def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, trace_dir=None, compiled=None):
     """Profile ``steps`` training steps of each cost model (default: one refit period, so that the
     steps pay their share of refits) after two of warm-up.
 
     Args:
         s: cost settings (:func:`~ood_det.benchmark.cost.cost_settings`).
         trace_dir: where to write ``trace_<model>.json`` (Chrome trace format); None: no traces.
+        compiled: also profile the OOD model with its losses compiled (``MODEL.OOD.COMPILE_LOSSES``);
+            default: on CUDA.
 
     Returns:
         {"settings", "steps", "models": {name: summary}, "added": per-step differences of the
-        OOD model, "added_ops": :func:`added_ops`, "sites": :func:`op_sites` of the OOD model}.
+        OOD model, "added_ops": :func:`added_ops`, "sites": :func:`op_sites` of the OOD model};
+        with ``compiled``, "compiled": the per-step counts with the losses compiled and what they
+        add to the plain model's, or {"error"} where compiling failed.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -309,12 +313,43 @@ def profile_train_step(s, device, config="shapes_energy_cfl.yaml", steps=None, t
                     step(ood_model, i)
                 _sync(device)
             sites = op_sites(prof.events(), steps, cuda)
+            with_compiled = (cuda if compiled is None else compiled) and _profile_compiled(
+                lambda i: step(ood_model, i), predictor, steps, activities, device)
     finally:
         unmark()
     base, ood = (models[m]["per_step"] for m in MODELS)
-    added = {k: (None if base[k] is None else round(ood[k] - base[k], 3)) for k in base}
-    return {"settings": dict(s, config=config, device=str(device)), "steps": steps, "models": models,
-            "added": added, "added_ops": added_ops(*(models[m] for m in MODELS)), "sites": sites}
+    result = {"settings": dict(s, config=config, device=str(device)), "steps": steps, "models": models,
+              "added": _added(base, ood), "added_ops": added_ops(*(models[m] for m in MODELS)), "sites": sites}
+    if with_compiled:
+        result["compiled"] = with_compiled if "error" in with_compiled else {
+            "per_step": with_compiled, "added": _added(base, with_compiled)}
+    return result
+
+
+def _added(base, variant):
+    return {k: (None if base[k] is None else round(variant[k] - base[k], 3)) for k in base}
+
+
+def _profile_compiled(step, predictor, steps, activities, device):
+    """Per-step counts of ``steps`` calls of ``step(i)`` with the OOD losses compiled, after as many
+    that compile; {"error"} where compiling failed. The predictor's setting is restored after."""
+    saved = predictor.compiled_losses
+    predictor.enable_compiled_losses()
+    try:
+        for i in range(steps):  # compiles, for every count of foreground proposals of the steps
+            step(i)
+        if predictor.compiled_losses.error:
+            return {"error": f"torch.compile failed ({predictor.compiled_losses.error})"}
+        _sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            _sync(device)
+            wall = time.perf_counter() - start
+        return summarize_events(prof.events(), steps, wall, device.type == "cuda")["per_step"]
+    finally:
+        predictor.compiled_losses = saved
 
 
 #: The inference variants of :func:`profile_inference`: the plain detector, the OOD head scoring
@@ -399,6 +434,15 @@ def markdown(result) -> str:
              "| per step | StandardROIHeads | EnergyCFLROIHeads | added |", "| --- | ---: | ---: | ---: |"]
     for key in ("aten_ops", "kernel_launches", "host_waits", "copies", "wall_ms", "device_busy_ms"):
         lines.append(f"| {key} | {_num(base[key])} | {_num(ood[key])} | {_num(result['added'][key])} |")
+    compiled = result.get("compiled")
+    if compiled and "error" in compiled:
+        lines += ["", f"Not profiled with the OOD losses compiled: {compiled['error']}."]
+    elif compiled:
+        c, a = compiled["per_step"], compiled["added"]
+        lines += ["", f"With the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES): {_num(c['kernel_launches'])} "
+                  f"kernel launches ({_num(a['kernel_launches'])} added), {_num(c['host_waits'])} host waits "
+                  f"({_num(a['host_waits'])} added), {_num(c['wall_ms'])} ms wall ({_num(a['wall_ms'])} added) "
+                  "per step."]
     parts = result["models"][MODELS[1]]["parts"]
     if parts:
         lines += ["", "| OOD head part (forward) | calls | host ms | aten ops | launches | host waits |",

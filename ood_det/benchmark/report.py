@@ -345,11 +345,19 @@ def _scored_by(inf):
     return f", scored by {inf['score']}{bank}"
 
 
+def _train_rows(st, tr):
+    """The training step's rows: eager, and with the OOD losses compiled where that was timed."""
+    measure = f"training step (batch {st['batch']})"
+    timed = [(measure, tr)] + ([(f"{measure}, compiled OOD losses", tr["compiled"])]
+                               if "ratio" in tr.get("compiled", {}) else [])
+    return [_cost_row(name, "StandardROIHeads", t["baseline_s"], "EnergyCFLROIHeads", t["variant_s"], t["ratio"],
+                      _ratio, f"<= {t['target_max']:.2f}", t["meets_target"]) for name, t in timed]
+
+
 def _cost_rows(st, tr, inf, syn):
     baseline_name, ood_name = "StandardROIHeads", "EnergyCFLROIHeads"
     return [
-        _cost_row(f"training step (batch {st['batch']})", baseline_name, tr["baseline_s"], ood_name,
-                  tr["variant_s"], tr["ratio"], _ratio, f"<= {tr['target_max']:.2f}", tr["meets_target"]),
+        *_train_rows(st, tr),
         _cost_row("inference per image", baseline_name, inf["baseline_s"], ood_name, inf["variant_s"],
                   inf["ratio"], _ratio, f"<= {inf['target_max']:.2f}", inf["meets_target"]),
         *([_cost_row("inference per image, CUDA graph scoring", baseline_name, inf["cuda_graph"]["baseline_s"],

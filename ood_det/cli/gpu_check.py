@@ -11,7 +11,9 @@ not hide the others; about 5 minutes on one H100):
 2. ``shapes_energy_cfl`` trained on the GPU (full schedule), calibrated and
    evaluated (``tools/train_net.py MODEL.DEVICE cuda``);
 3. ``tools/visualize_ood.py`` on a few images with that model;
-4. the cost benchmark on the GPU (``tools/benchmark.py --skip-quality --device cuda``);
+4. the cost benchmark on the GPU (``tools/benchmark.py --skip-quality --device cuda``), the
+   training step also with the OOD losses compiled (``MODEL.OOD.COMPILE_LOSSES``) and inference
+   also with CUDA graph scoring;
 5. ``torch.profiler`` over one refit period of training steps of the cost models (plain and
    OOD head, :mod:`ood_det.benchmark.profile`): kernel launches, host waits and device time per
    step, the OOD head's parts, the operators it adds and the functions of ood_det behind its
@@ -21,10 +23,11 @@ not hide the others; about 5 minutes on one H100):
 6. the training step of the real configs' detector (``voc_energy_cfl.yaml``: R-50 FPN,
    800-pixel images, random weights, learning rate 0), in full and mixed precision,
    for the wall-time estimates of the README, and its ratio to the plain detector's
-   (StandardROIHeads, the same weights): the OOD head's cost at the real configs' size;
-   then the same pair's inference, one image at a time, every image keeping its 100 boxes,
-   the OOD head calibrated for the config's score, its kept boxes scored eagerly and through
-   CUDA graphs (``MODEL.OOD.CUDA_GRAPH_SCORING``).
+   (StandardROIHeads, the same weights): the OOD head's cost at the real configs' size, with
+   its losses eager and compiled (``MODEL.OOD.COMPILE_LOSSES``); then the same pair's
+   inference, one image at a time, every image keeping its 100 boxes, the OOD head calibrated
+   for the config's score, its kept boxes scored eagerly and through CUDA graphs
+   (``MODEL.OOD.CUDA_GRAPH_SCORING``).
 
 Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``.
 Exit status 0 when every step passed, 1 otherwise.
@@ -113,6 +116,8 @@ def cost_step(out, device):
         cost = json.loads(files[0].read_text())["cost"]
         result.update(
             train_step_ratio=cost["train_step"]["ratio"]["median"],
+            compiled_train_step_ratio=(cost["train_step"].get("compiled") or {}).get("ratio", {}).get("median"),
+            compiled_train_step_error=(cost["train_step"].get("compiled") or {}).get("error"),
             inference_ratio=cost["inference"]["ratio"]["median"],
             graph_inference_ratio=(cost["inference"].get("cuda_graph") or {}).get("ratio", {}).get("median"),
             graph_inference_error=(cost["inference"].get("cuda_graph") or {}).get("error"),
@@ -136,7 +141,8 @@ def profile_step(out, device):
     return {"passed": True, "seconds": round(time.perf_counter() - start, 1), "steps": result["steps"],
             "per_step": {m: result["models"][m]["per_step"] for m in MODELS}, "added": result["added"],
             "parts": result["models"][MODELS[1]]["parts"], "added_ops": result["added_ops"][:10],
-            "sites": dict(result["sites"], top=result["sites"]["top"][:10]), "inference": result["inference"]}
+            "sites": dict(result["sites"], top=result["sites"]["top"][:10]), "inference": result["inference"],
+            "compiled": result.get("compiled")}
 
 
 def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, size=(800, 1066), iters=10, repeats=4,
@@ -144,16 +150,17 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
     """ms per training step of a real config's detector on random 800-pixel images, full and mixed
     precision, and its peak GPU memory; and its time over the plain detector's: the same config
     with detectron2's StandardROIHeads and the same weights, steps interleaved, each repeat one
-    refit period of steps, the median of the repeats' ratios. Random weights, learning rate 0
-    (timing only), outliers drawn at every step. Then ms per image of both at inference, one image
-    at a time (a deployed detector's case), interleaved the same way: score threshold 0, so that
-    every image keeps TEST.DETECTIONS_PER_IMAGE boxes, the OOD head calibrated for the config's score
-    (a kNN score with a bank of MODEL.OOD.KNN_BANK_SIZE rows)."""
+    refit period of steps, the median of the repeats' ratios (on CUDA also with the OOD losses
+    compiled). Random weights, learning rate 0 (timing only), outliers drawn at every step. Then
+    ms per image of both at inference, one image at a time (a deployed detector's case),
+    interleaved the same way: score threshold 0, so that every image keeps
+    TEST.DETECTIONS_PER_IMAGE boxes, the OOD head calibrated for the config's score (a kNN score
+    with a bank of MODEL.OOD.KNN_BANK_SIZE rows)."""
     from detectron2.solver import build_optimizer
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    from ood_det.benchmark.cost import interleaved, prefill, timed, twin_models
+    from ood_det.benchmark.cost import compiled_train_times, interleaved, prefill, timed, twin_models
     from ood_det.config import load_config
 
     opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "SOLVER.BASE_LR", "0.0", "MODEL.OOD.START_ITER", "0",
@@ -197,6 +204,13 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
             t_plain, _, ratios = interleaved(steps(plain, amp, per), steps(model, amp, per), repeats, dev)
             result[f"plain_{key}_ms_per_step"] = round(1000 * statistics.median(t_plain) / per, 1)
             result[f"{key}_ratio"] = round(statistics.median(ratios), 3)
+            ratios = None
+            try:  # on CUDA, the same pair with the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES)
+                if cuda:
+                    ratios = compiled_train_times(lambda m: steps(m, amp, per), plain, model, repeats, dev)[2]
+            except RuntimeError as e:
+                result[f"{key}_compiled_error"] = one_line(e, 300)
+            result[f"{key}_compiled_ratio"] = None if ratios is None else round(statistics.median(ratios), 3)
         del optimizers[id(plain)]
         plain.to("cpu")  # this one's memory alone from here on
         if cuda:
@@ -282,21 +296,26 @@ def markdown(summary):
         f"- visualize_ood: {'passed' if vi.get('passed') else 'FAILED'}; {vi.get('images')} images, "
         f"{vi.get('boxes')} boxes, {vi.get('flagged')} flagged unknown",
         f"- cost on {summary['device']}: {'passed' if co.get('passed') else 'FAILED'}; training step "
-        f"{_num(co.get('train_step_ratio'), 3)}x, inference {_num(co.get('inference_ratio'), 3)}x "
-        f"({_graphed(co.get('graph_inference_ratio'), co.get('graph_inference_error'))}) of "
-        f"StandardROIHeads; synthesis {_num(co.get('synthesis_speedup'), 0)}x faster than brute force; peak GPU "
+        f"{_num(co.get('train_step_ratio'), 3)}x "
+        f"({_compiled(co.get('compiled_train_step_ratio'), co.get('compiled_train_step_error'))}), inference "
+        f"{_num(co.get('inference_ratio'), 3)}x "
+        f"({_graphed(co.get('graph_inference_ratio'), co.get('graph_inference_error'))}) of StandardROIHeads;"
+        f" synthesis {_num(co.get('synthesis_speedup'), 0)}x faster than brute force; peak GPU "
         f"memory {json.dumps(peak)}",
         f"- profile ({pr.get('steps')} training steps per model): {'passed' if pr.get('passed') else 'FAILED'}; "
         f"the OOD head adds {_num(added.get('kernel_launches'), 0)} kernel launches, "
         f"{_num(added.get('host_waits'), 0)} host waits and {_num(added.get('device_busy_ms'), 2)} ms of device "
         f"time per step; most added time: {', '.join(r['op'] for r in (pr.get('added_ops') or [])[:3]) or '-'}; "
         f"in the forward: {', '.join(r['site'] for r in top_sites[:3]) or _tracer(pr)} "
-        f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}{_inference_launches(pr.get('inference'))}",
+        f"(profile.md){': ' + pr['error'] if pr.get('error') else ''}{_compiled_launches(pr.get('compiled'))}"
+        f"{_inference_launches(pr.get('inference'))}",
         f"- {rc.get('config')} training step ({rc.get('images_per_gpu')} images of {rc.get('image_size')} per GPU):"
         f" fp32 {rc.get('fp32_ms_per_step')} ms ({rc.get('fp32_peak_mem_mib')} MiB), AMP {rc.get('amp_ms_per_step')}"
         f" ms ({rc.get('amp_peak_mem_mib')} MiB); {_num(rc.get('fp32_ratio'), 3)}x (fp32) and "
         f"{_num(rc.get('amp_ratio'), 3)}x (AMP) the plain detector's step (StandardROIHeads, "
-        f"{rc.get('plain_fp32_ms_per_step')} / {rc.get('plain_amp_ms_per_step')} ms); inference ("
+        f"{rc.get('plain_fp32_ms_per_step')} / {rc.get('plain_amp_ms_per_step')} ms; "
+        f"{_compiled(rc.get('fp32_compiled_ratio'), rc.get('fp32_compiled_error'))} (fp32) and "
+        f"{_compiled(rc.get('amp_compiled_ratio'), rc.get('amp_compiled_error'))} (AMP)); inference ("
         f"{rc.get('inference_score')} score), one image at a time with {rc.get('inference_boxes_per_image')} boxes "
         f"each: {_num(rc.get('fp32_inference_ratio'), 3)}x "
         f"(fp32) and {_num(rc.get('amp_inference_ratio'), 3)}x (AMP) the plain detector's "
@@ -310,6 +329,16 @@ def markdown(summary):
                   "left out):", "", "| config | GPUs | precision | hours |", "| --- | ---: | --- | ---: |"]
         lines += [f"| {r['config']} | {r['gpus']} | {r['precision']} | {r['hours']} |" for r in summary["estimates"]]
     return "\n".join(lines) + "\n"
+
+
+def _compiled_launches(compiled):
+    """What the OOD head adds to a training step with its losses compiled, in launches (the profile's)."""
+    if not compiled:
+        return ""
+    if "error" in compiled:
+        return f"; not profiled with compiled losses: {compiled['error']}"
+    return (f"; with its losses compiled it adds {_num(compiled['added'].get('kernel_launches'), 0)} kernel "
+            f"launches and {_num(compiled['added'].get('wall_ms'), 2)} ms of wall time per step")
 
 
 def _inference_launches(inference):
@@ -329,6 +358,11 @@ def _inference_launches(inference):
 def _graphed(ratio, error):
     """The inference ratio with CUDA graph scoring, or why it was not timed."""
     return f"not timed with CUDA graph scoring: {error}" if error else f"{_num(ratio, 3)}x with CUDA graph scoring"
+
+
+def _compiled(ratio, error):
+    """The training step's ratio with the OOD losses compiled, or why it was not timed."""
+    return f"not timed with compiled losses: {error}" if error else f"{_num(ratio, 3)}x with compiled losses"
 
 
 def _tracer(profile):

@@ -36,6 +36,7 @@ from detectron2.utils.logger import log_first_n
 from torch import nn
 
 from ..errors import one_line
+from .compiled import CompiledFunction
 from .graphs import RowGraphs, autocast_key, cuda_graphs_supported, state_key
 from .losses import EnergyLogistic, cfl_loss_of, energy_loss_logistic_of, energy_loss_margin, rep_outlier_loss_of
 from .scorer import KNN_EMBEDDING, NEEDS_KNN, OODScorer
@@ -82,6 +83,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         synthesizer: Optional[VirtualOutlierSynthesizer] = None,
         outlier_support: str = "gaussian",
         cuda_graph_scoring: bool = False,
+        compile_losses: bool = False,
         **kwargs,
     ):
         """
@@ -106,6 +108,8 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
                 post-ReLU box features live).
             cuda_graph_scoring: at inference on CUDA, score the kept boxes through a CUDA graph
                 (:mod:`~ood_det.modeling.graphs`): one launch instead of one per operator.
+            compile_losses: in training, compute the OOD losses through ``torch.compile``
+                (:mod:`~ood_det.modeling.compiled`): a few fused kernels instead of one per operator.
             kwargs: arguments of ``FastRCNNOutputLayers`` (num_classes, box2box_transform, ...).
         """
         super().__init__(input_shape, **kwargs)
@@ -140,6 +144,9 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         #: The kept boxes' scoring through CUDA graphs (MODEL.OOD.CUDA_GRAPH_SCORING), else None.
         self.graphs = None
         self.enable_cuda_graph_scoring(cuda_graph_scoring)
+        #: The OOD losses through torch.compile (MODEL.OOD.COMPILE_LOSSES), else None.
+        self.compiled_losses = None
+        self.enable_compiled_losses(compile_losses)
 
     def _init_embedding(self, embed_dim: int, embed_hidden_dim: int) -> None:
         if embed_dim <= 0 or embed_hidden_dim <= 0:
@@ -174,6 +181,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             rep_out_weight=ood.REP_OUT_WEIGHT,
             outlier_support=ood.OUTLIER_SUPPORT,
             cuda_graph_scoring=ood.CUDA_GRAPH_SCORING,
+            compile_losses=ood.COMPILE_LOSSES,
         )
         if ood.MODE != "vanilla":
             ret["synthesizer"] = build_synthesizer(
@@ -216,7 +224,20 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
         fg, fg_labels, fg_labels_host = self._foreground(proposals, logits.device)
         fg_features = features.index_select(0, fg)
         out_features = self._synthesize(fg_features, fg_labels_host)
-        ood = {"loss_energy": self._energy_loss(logits.index_select(0, fg), self.cls_score(out_features))}
+        inputs = (logits.index_select(0, fg), fg_features, out_features, fg_labels)
+        # Compiled where both sets have rows; without, each loss is its exact 0 (before synthesis starts).
+        if self.compiled_losses is not None and len(fg) and len(out_features):
+            losses.update(self.compiled_losses(self, *inputs))
+        else:
+            losses.update(self._ood_losses(*inputs))
+        return losses
+
+    def _ood_losses(self, fg_logits: torch.Tensor, fg_features: torch.Tensor, out_features: torch.Tensor,
+                    fg_labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The mode's OOD losses, weighted, of the (M, K+1) logits, (M, D) features and (M,) classes of
+        the foreground proposals and the (P, D) features of the virtual outliers: what
+        ``MODEL.OOD.COMPILE_LOSSES`` compiles (no host reads, no state changed)."""
+        ood = {"loss_energy": self._energy_loss(fg_logits, self.cls_score(out_features))}
         if self.mode == "energy_cfl":
             # Members and outliers in one embedding pass and one similarity matrix (the embeddings
             # are unit vectors already): a third of the kernels of two passes, forward and backward.
@@ -226,8 +247,7 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
             ood["loss_cfl"] = cfl_loss_of(sims_in, fg_labels, self.cfl_tau, self.cfl_gamma)
             ood["loss_rep_out"] = rep_outlier_loss_of(sims_out, self.rep_out_margin)
         # A weight of 1 multiplies nothing: a kernel less, forward and backward.
-        losses.update({k: v if self.loss_weights[k] == 1.0 else v * self.loss_weights[k] for k, v in ood.items()})
-        return losses
+        return {k: v if self.loss_weights[k] == 1.0 else v * self.loss_weights[k] for k, v in ood.items()}
 
     def _foreground(self, proposals: List[Instances], device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M,) indices of the foreground proposals and their (M,) classes, on ``device``, and the
@@ -340,6 +360,11 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
     def enable_cuda_graph_scoring(self, enabled: bool = True) -> None:
         """Turn scoring through CUDA graphs (``MODEL.OOD.CUDA_GRAPH_SCORING``) on or off."""
         self.graphs = RowGraphs(self._ood_fields) if enabled else None
+
+    def enable_compiled_losses(self, enabled: bool = True) -> None:
+        """Turn the OOD losses through ``torch.compile`` (``MODEL.OOD.COMPILE_LOSSES``) on or off."""
+        self.compiled_losses = (CompiledFunction(type(self)._ood_losses, "MODEL.OOD.COMPILE_LOSSES")
+                                if enabled and self.mode != "vanilla" else None)
 
     def _graphed_fields(self, logits: torch.Tensor, features: torch.Tensor,
                         source: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
