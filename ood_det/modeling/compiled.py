@@ -2,19 +2,20 @@
 one per operator.
 
 The OOD losses of a training step (the energy of the proposals and the outliers, the embedding
-head, the center similarities, the Cluster Focal Loss, the outliers' repulsion) run about 40
-small kernels forward and 75 backward, every step. Where the host issuing kernels is what limits
+head, the center similarities, the Cluster Focal Loss, the outliers' repulsion) run 40 small
+kernels forward and 68 backward, every step. Where the host issuing kernels is what limits
 training (a small backbone, a fast GPU), their launches, not their arithmetic, are the cost.
 ``torch.compile`` (``MODEL.OOD.COMPILE_LOSSES``) traces the same Python functions once and fuses
 their elementwise and reduction work into a few generated kernels, forward and backward; the
 matrix products stay library calls.
 
 Compiled with dynamic shapes: the number of foreground proposals changes every step, and one
-compiled graph serves every count (torch specializes a count of 0 or 1, and a count equal to
-another size, once each). The model's parameters are inputs of the graph, not constants: the
-optimizer's updates, a copy of the model and a checkpoint load all reach it. A compilation that
-fails (no C++ compiler or Triton, a torch without ``torch.compile``) turns the option off with a
-warning, and the losses are computed eagerly, the same functions.
+compiled graph serves every count (torch compiles once more for a count of 1, and when the first
+count happens to equal another size of the graph, such as the feature size). The model's
+parameters are inputs of the graph, not constants: the optimizer's updates, a copy of the model
+and a checkpoint load all reach it. A compilation that fails (no C++ compiler or Triton, a torch
+without ``torch.compile``) turns the option off with a warning, and the losses are computed
+eagerly, the same functions.
 """
 import logging
 from typing import Callable, Optional
