@@ -204,13 +204,13 @@ def real_config_step(device, config="voc_energy_cfl.yaml", images_per_gpu=2, siz
             t_plain, _, ratios = interleaved(steps(plain, amp, per), steps(model, amp, per), repeats, dev)
             result[f"plain_{key}_ms_per_step"] = round(1000 * statistics.median(t_plain) / per, 1)
             result[f"{key}_ratio"] = round(statistics.median(ratios), 3)
-            ratios = None
-            try:  # on CUDA, the same pair with the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES)
-                if cuda:
+            result[f"{key}_compiled_ratio"] = None
+            if cuda:  # the same pair with the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES)
+                try:
                     ratios = compiled_train_times(lambda m: steps(m, amp, per), plain, model, repeats, dev)[2]
-            except RuntimeError as e:
-                result[f"{key}_compiled_error"] = one_line(e, 300)
-            result[f"{key}_compiled_ratio"] = None if ratios is None else round(statistics.median(ratios), 3)
+                    result[f"{key}_compiled_ratio"] = round(statistics.median(ratios), 3)
+                except RuntimeError as e:
+                    result[f"{key}_compiled_error"] = one_line(e, 300)
         del optimizers[id(plain)]
         plain.to("cpu")  # this one's memory alone from here on
         if cuda:
