@@ -3,7 +3,8 @@
     tools/gpu_check.py [--output output/gpu_check] [--device cuda]
 
 Steps (each in a process of its own, with a time limit, so that one failure does
-not hide the others; about 5 minutes on one H100):
+not hide the others; about 5 minutes on one H100 before the compiled losses, whose
+compilations add a minute or two):
 
 1. the CUDA tests (``pytest -m cuda tests/test_cuda.py``): training with outlier
    synthesis in full and mixed precision, calibration + evaluation, OODPredictor
