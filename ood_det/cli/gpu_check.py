@@ -4,7 +4,7 @@
 
 Steps (each in a process of its own, with a time limit, so that one failure does
 not hide the others; about 5 minutes on one H100 before the compiled losses, whose
-compilations add a minute or two):
+compilations add to it, by how much not yet measured there):
 
 1. the CUDA tests (``pytest -m cuda tests/test_cuda.py``): training with outlier
    synthesis in full and mixed precision, calibration + evaluation, OODPredictor
