@@ -309,15 +309,33 @@ def compiled_train_times(run, baseline_model, ood_model, repeats, device):
     compiled (``MODEL.OOD.COMPILE_LOSSES``), ratios), interleaved; one warm-up repeat compiles. The
     model's setting is restored after. RuntimeError where the compilation failed (the head warned why)."""
     predictor = ood_model.roi_heads.box_predictor
-    saved = predictor.compiled_losses
-    predictor.enable_compiled_losses()
+
+    def refused():
+        error = predictor.compiled_losses.error
+        return error and f"torch.compile failed ({error})"
+
+    # the warm-up compiles, for every count of foreground proposals of the repeat
+    return _interleaved_with(predictor, "compiled_losses", run(baseline_model), run(ood_model), repeats, device,
+                             refused)
+
+
+def _interleaved_with(predictor, option, run_base, run_variant, repeats, device, refused):
+    """``interleaved(run_base, run_variant)`` with the OOD head's ``option`` on ("graphs" or
+    "compiled_losses", turned on by its ``enable_*`` method), after one warm-up run of
+    ``run_variant`` (which records or compiles); the head's setting is restored after.
+    RuntimeError where ``refused()`` names why the option did not run (it then warned why)."""
+    enable = {"graphs": predictor.enable_cuda_graph_scoring,
+              "compiled_losses": predictor.enable_compiled_losses}[option]
+    saved = getattr(predictor, option)
+    enable()
     try:
-        run(ood_model)()  # compiles, for every count of foreground proposals of the repeat
-        if predictor.compiled_losses.error:
-            raise RuntimeError(f"torch.compile failed ({predictor.compiled_losses.error}); not timed")
-        return interleaved(run(baseline_model), run(ood_model), repeats, device)
+        run_variant()
+        reason = refused()
+        if reason:
+            raise RuntimeError(f"{reason}; not timed")
+        return interleaved(run_base, run_variant, repeats, device)
     finally:
-        predictor.compiled_losses = saved
+        setattr(predictor, option, saved)
 
 
 def infer_each(model, images, amp=False):
@@ -368,16 +386,10 @@ def graphed_inference_ratios(baseline_model, ood_model, images, repeats, device,
     predictor = ood_model.roi_heads.box_predictor
     if not cuda_graphs_supported(torch.device(device)):
         return None
-    saved = predictor.graphs
-    predictor.enable_cuda_graph_scoring()
-    try:
-        infer_each(ood_model, images, amp)()  # records the graph
-        if not predictor.graphs:  # None, or no graph recorded
-            raise RuntimeError("CUDA graph scoring recorded no graph (see the warning above); not timed")
-        t_base, t_graph, ratios = interleaved(infer_each(baseline_model, images, amp),
-                                              infer_each(ood_model, images, amp), repeats, device)
-    finally:
-        predictor.graphs = saved
+    # the warm-up records the graph; None, or no graph recorded: CUDA refused
+    t_base, t_graph, ratios = _interleaved_with(
+        predictor, "graphs", infer_each(baseline_model, images, amp), infer_each(ood_model, images, amp), repeats,
+        device, lambda: None if predictor.graphs else "CUDA graph scoring recorded no graph (see the warning above)")
     n = len(images)
     return [t / n for t in t_base], [t / n for t in t_graph], ratios
 

@@ -406,8 +406,7 @@ def profile_inference(s, device, config="shapes_energy_cfl.yaml", images=4):
     finally:
         predictor.enable_cuda_graph_scoring(False)
     base = models[INFERENCE_VARIANTS[0]]
-    added = {name: {k: (None if base[k] is None else round(v - base[k], 3)) for k, v in counts.items()}
-             for name, counts in models.items() if name != INFERENCE_VARIANTS[0]}
+    added = {name: _added(base, counts) for name, counts in models.items() if name != INFERENCE_VARIANTS[0]}
     out = {"images": len(batch), "boxes_per_image": boxes, "models": models, "added": added}
     return dict(out, cuda_graph_error=error) if error else out
 

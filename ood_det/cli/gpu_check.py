@@ -51,6 +51,8 @@ from ood_det.utils import format_number as _num
 REPO = Path(__file__).resolve().parents[2]
 #: (iterations, images per iteration) of the real configs (configs/Base-VOC.yaml, Base-BDD.yaml).
 REAL_SCHEDULES = {"voc": (18000, 16), "bdd": (90000, 16)}
+#: How the summary names the OOD head's options its ratios were also timed with.
+GRAPHED, COMPILED = "CUDA graph scoring", "compiled losses"
 
 
 def run_step(name, cmd, out, timeout):
@@ -298,9 +300,9 @@ def markdown(summary):
         f"{vi.get('boxes')} boxes, {vi.get('flagged')} flagged unknown",
         f"- cost on {summary['device']}: {'passed' if co.get('passed') else 'FAILED'}; training step "
         f"{_num(co.get('train_step_ratio'), 3)}x "
-        f"({_compiled(co.get('compiled_train_step_ratio'), co.get('compiled_train_step_error'))}), inference "
+        f"({_with(COMPILED, co, 'compiled_train_step')}), inference "
         f"{_num(co.get('inference_ratio'), 3)}x "
-        f"({_graphed(co.get('graph_inference_ratio'), co.get('graph_inference_error'))}) of StandardROIHeads;"
+        f"({_with(GRAPHED, co, 'graph_inference')}) of StandardROIHeads;"
         f" synthesis {_num(co.get('synthesis_speedup'), 0)}x faster than brute force; peak GPU "
         f"memory {json.dumps(peak)}",
         f"- profile ({pr.get('steps')} training steps per model): {'passed' if pr.get('passed') else 'FAILED'}; "
@@ -315,14 +317,14 @@ def markdown(summary):
         f" ms ({rc.get('amp_peak_mem_mib')} MiB); {_num(rc.get('fp32_ratio'), 3)}x (fp32) and "
         f"{_num(rc.get('amp_ratio'), 3)}x (AMP) the plain detector's step (StandardROIHeads, "
         f"{rc.get('plain_fp32_ms_per_step')} / {rc.get('plain_amp_ms_per_step')} ms; "
-        f"{_compiled(rc.get('fp32_compiled_ratio'), rc.get('fp32_compiled_error'))} (fp32) and "
-        f"{_compiled(rc.get('amp_compiled_ratio'), rc.get('amp_compiled_error'))} (AMP)); inference ("
+        f"{_with(COMPILED, rc, 'fp32_compiled')} (fp32) and "
+        f"{_with(COMPILED, rc, 'amp_compiled')} (AMP)); inference ("
         f"{rc.get('inference_score')} score), one image at a time with {rc.get('inference_boxes_per_image')} boxes "
         f"each: {_num(rc.get('fp32_inference_ratio'), 3)}x "
         f"(fp32) and {_num(rc.get('amp_inference_ratio'), 3)}x (AMP) the plain detector's "
         f"{rc.get('plain_fp32_ms_per_image')} / {rc.get('plain_amp_ms_per_image')} ms per image; "
-        f"{_graphed(rc.get('fp32_graph_inference_ratio'), rc.get('fp32_graph_inference_error'))} (fp32) and "
-        f"{_graphed(rc.get('amp_graph_inference_ratio'), rc.get('amp_graph_inference_error'))} (AMP)",
+        f"{_with(GRAPHED, rc, 'fp32_graph_inference')} (fp32) and "
+        f"{_with(GRAPHED, rc, 'amp_graph_inference')} (AMP)",
         f"- wall time {summary['wall_time_s']} s; all passed: {summary['all_passed']}", "",
     ]
     if summary.get("estimates"):
@@ -356,14 +358,11 @@ def _inference_launches(inference):
             f"{_num(inference['models']['StandardROIHeads'].get('kernel_launches'), 0)}){refused}")
 
 
-def _graphed(ratio, error):
-    """The inference ratio with CUDA graph scoring, or why it was not timed."""
-    return f"not timed with CUDA graph scoring: {error}" if error else f"{_num(ratio, 3)}x with CUDA graph scoring"
-
-
-def _compiled(ratio, error):
-    """The training step's ratio with the OOD losses compiled, or why it was not timed."""
-    return f"not timed with compiled losses: {error}" if error else f"{_num(ratio, 3)}x with compiled losses"
+def _with(option, part, key):
+    """The ratio ``part[key + "_ratio"]``, timed with one of the OOD head's options on
+    (:data:`GRAPHED`, :data:`COMPILED`), or why it was not timed (``part[key + "_error"]``)."""
+    error = part.get(f"{key}_error")
+    return f"not timed with {option}: {error}" if error else f"{_num(part.get(f'{key}_ratio'), 3)}x with {option}"
 
 
 def _tracer(profile):
