@@ -447,7 +447,8 @@ def _add(a, b):
 
 def measure_synthesis(s, device):
     """
-    The synthesizer vs brute force (float32, as VOS). Three comparisons:
+    The synthesizer vs brute force (float32, as VOS). Three comparisons (the synthesizer's times per
+    draw, over one refill of its reserve of offsets):
 
     - draw (the headline): ``sample()`` with the Gaussian fitted vs ``brute_force_gemm``
       on one class, scaled by K;
@@ -469,10 +470,22 @@ def measure_synthesis(s, device):
         synth.enqueue(fg, fg_labels)
         synth.class_means(), torch.linalg.cholesky(synth.covariance())
 
+    # Draws come from the synthesizer's reserve of offsets, refilled every `block` draws: each timing
+    # covers one refill, so that the times are per draw with the refill's share.
+    block = synth.reserve_draws()
+
+    def synthesis_steps():
+        for _ in range(block):
+            synthesis_step()
+
+    def samples():
+        for _ in range(block):
+            synth.sample()
+
     synthesis_step(), refit()
-    step_t, refit_t, _ = interleaved(synthesis_step, refit, s["synth_repeats"], device)
-    synth.sample()
-    sample_t = [timed(synth.sample, device) for _ in range(s["synth_repeats"])]
+    step_t, refit_t, _ = interleaved(synthesis_steps, refit, s["synth_repeats"], device)
+    step_t = [t / block for t in step_t]
+    sample_t = [timed(samples, device) / block for _ in range(s["synth_repeats"])]
     means, cov = synth.class_means(), synth.covariance()
     means32, cov32 = means.float(), cov.float()
     factor32 = torch.linalg.cholesky(cov32)
@@ -605,10 +618,12 @@ def peak_memory(fn, device):
 
 
 def measure_memory(s, device, synth_result):
-    """Peak memory of one synthesis step (and of brute force on one class) vs an N x D tensor."""
+    """Peak memory of one synthesis step, the one that refills the synthesizer's reserve of offsets
+    (and of brute force on one class), vs an N x D tensor."""
     synth = synth_result["_full_dim"][0]
     K, N, D, S = s["num_classes"], s["num_candidates"], s["fc_dim"], s["num_samples"]
     fg, fg_labels = _fg_batch(s, D, device, seed=7)
+    synth.clear_reserve()
     peak, largest, method = peak_memory(lambda: (synth.enqueue(fg, fg_labels), synth.sample()), device)
     means, factor = synth.class_means().float(), torch.linalg.cholesky(synth.covariance()).float()
     brute_peak, brute_largest, _ = peak_memory(lambda: brute_force_gemm(means[:1], factor, N, S), device)

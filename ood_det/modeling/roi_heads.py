@@ -275,10 +275,12 @@ class EnergyCFLOutputLayers(FastRCNNOutputLayers):
     @torch.no_grad()
     def virtual_outlier_fields(self, rounds: int = 50) -> Optional[Dict[str, torch.Tensor]]:
         """The scorer's raw fields of ``rounds`` draws of virtual outliers (as training draws them),
-        for calibration without OOD data; None when there is no synthesizer or a queue is not full."""
+        for calibration without OOD data; None when there is no synthesizer or a queue is not full.
+        The draws leave the synthesizer's reserve of offsets to the training steps."""
         if self.synthesizer is None or not self.synthesizer.is_full():
             return None
-        features = self._in_support(torch.cat([self.synthesizer.sample()[0] for _ in range(rounds)]))
+        draws = [self.synthesizer.sample(reserve=False)[0] for _ in range(rounds)]
+        features = self._in_support(torch.cat(draws))
         features = features.to(self.cls_score.weight.dtype)
         embeddings = self.embeddings(features) if self.embed is not None else None
         centers = self.unit_centers() if self.centers is not None else None

@@ -340,7 +340,17 @@ class VirtualOutlierSynthesizer(nn.Module):
 
     Counts and write pointers are mirrored on the host after each write (they are worked out
     there), so that no step waits for the device to read them back.
+
+    The whitened offsets ``r_j u_j`` of a draw do not depend on the queues: :meth:`sample` with the
+    global RNGs takes them from a reserve drawn for up to ``RESERVE_DRAWS`` draws at once (one set
+    of operators per refill instead of per draw), and adds them to the Gaussian fitted at the time
+    of the draw. Every draw still uses its own random numbers; the reserve is not saved and is
+    drawn again after a move or a dtype cast. Draws outside training (calibration, diagnostics)
+    pass ``reserve=False`` and leave it to the training steps.
     """
+
+    RESERVE_DRAWS = 32  # draws of whitened offsets made at once (fewer when they exceed RESERVE_ELEMENTS)
+    RESERVE_ELEMENTS = 2**21  # 16 MiB of float64
 
     @configurable
     def __init__(
@@ -383,6 +393,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._fit_cache = None
         self._writes_since_fit = 0
         self._labels_cache = None  # ((K, S, device), the class id of each drawn outlier) of _by_class
+        self._reserve, self._reserve_next = None, 0  # (T, K, S, D) offsets drawn ahead; index of the next unused
         # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed.
         # The queues start empty, wherever their buffers were made: nothing to read.
         empty = torch.zeros(num_classes, dtype=torch.long, device="cpu")
@@ -502,6 +513,7 @@ class VirtualOutlierSynthesizer(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         self._fit_cache = None
+        self.clear_reserve()
         self._host = None
         if self._sum.dtype != torch.float64:  # e.g. .half(): rebuild the sums in float64
             self._sum, self._outer = self._sum.double(), self._outer.double()
@@ -588,31 +600,57 @@ class VirtualOutlierSynthesizer(nn.Module):
 
     # ---- sampling ----
     @torch.no_grad()
-    def sample(self, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, generator: Optional[torch.Generator] = None,
+               reserve: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Draw S virtual outliers per class: exactly the S least likely of N samples
         of N(mu_k, Sigma). Needs every queue full.
 
         Args:
             generator: RNG of the radii if it is a CPU generator, and of the directions if it is
-                on the queue's device; None: the global RNGs.
+                on the queue's device (this draw only); None: the global RNGs.
+            reserve: with the global RNGs, take the offsets from the reserve (class docstring);
+                False draws them now and leaves the reserve to the training steps.
 
         Returns:
             (K*S, D) outlier features (queue dtype, class by class, least likely first)
             and (K*S,) int64 class ids.
         """
         self._require_full()
-        K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
         means, factor = self._gaussian()
-        # K x S radii: scalar work for the CPU (the chi-squared inversion iterates); on a GPU it
-        # would be dozens of tiny kernels, each waited for.
-        on_cpu = generator is None or generator.device.type == "cpu"
-        radii = host_to_device(top_chi_radii(self.num_candidates, S, D, K, generator if on_cpu else None), device)
-        on_device = generator is not None and generator.device == torch.device(device)
-        steps = radii[..., None] * random_unit_vectors((K, S), D, generator if on_device else None, device)
-        if S == 1:  # means + steps @ factor^T in one kernel
+        steps = self._draw_offsets(1, generator)[0] if generator is not None or not reserve else self._reserved()
+        if self.num_samples == 1:  # means + steps @ factor^T in one kernel
             return self._by_class(torch.addmm(means, steps[:, 0], factor.t())[:, None, :])
         return self._by_class(means[:, None, :] + steps @ factor.t())
+
+    def _reserved(self) -> torch.Tensor:
+        """(K, S, D) float64 whitened offsets ``r_j u_j`` of one draw: the next of the reserve (refilled
+        from the global RNGs when used up)."""
+        if self._reserve is None or self._reserve_next == len(self._reserve):
+            self._reserve, self._reserve_next = self._draw_offsets(self.reserve_draws(), None), 0
+        self._reserve_next += 1
+        return self._reserve[self._reserve_next - 1]
+
+    def clear_reserve(self) -> None:
+        """Drop the offsets drawn ahead: the next draw with the global RNGs refills the reserve."""
+        self._reserve, self._reserve_next = None, 0
+
+    def reserve_draws(self) -> int:
+        """Draws of offsets made at each refill of the reserve: RESERVE_DRAWS, fewer where they would
+        exceed RESERVE_ELEMENTS, at least 1."""
+        per_draw = self.num_classes * self.num_samples * self.feature_dim
+        return max(1, min(self.RESERVE_DRAWS, self.RESERVE_ELEMENTS // per_draw))
+
+    def _draw_offsets(self, draws: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """(draws, K, S, D) float64 whitened offsets of ``draws`` independent draws."""
+        K, S, D, device = self.num_classes, self.num_samples, self.feature_dim, self.queue.device
+        # The radii: scalar work for the CPU (the chi-squared inversion); on a GPU it would be
+        # dozens of tiny kernels, each waited for.
+        on_cpu = generator is None or generator.device.type == "cpu"
+        radii = top_chi_radii(self.num_candidates, S, D, draws * K, generator if on_cpu else None)
+        on_device = generator is not None and generator.device == torch.device(device)
+        directions = random_unit_vectors((draws * K, S), D, generator if on_device else None, device)
+        return (host_to_device(radii, device)[..., None] * directions).view(draws, K, S, D)
 
     def sample_if_ready(self, iteration: int, generator: Optional[torch.Generator] = None):
         """:meth:`sample` when :meth:`ready`, else empty (0, D) features and (0,) labels."""
@@ -743,12 +781,14 @@ class NonParametricOutlierSynthesizer(VirtualOutlierSynthesizer):
         return torch.cdist(points, self._features()).kthvalue(self.knn_k, dim=-1).values
 
     @torch.no_grad()
-    def sample(self, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, generator: Optional[torch.Generator] = None,
+               reserve: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Draw S outliers per class by the NPOS rule (class docstring). Needs every queue full.
 
         Args:
             generator: RNG of the noise if it is on the queue's device; else the global RNG.
+            reserve: not used: NPOS draws its noise at every call, with no reserve.
 
         Returns:
             (K*S, D) outlier features (queue dtype, class by class, least likely first)
