@@ -410,9 +410,10 @@ def test_bad_config_names_the_key(key, value, message):
         build_roi_heads(cfg, shapes)
 
 
-@pytest.mark.parametrize("support", ["gaussian", "relu"])
-def test_virtual_outliers_in_the_features_support(support):
-    cfg = _cfg(START_ITER=0, OUTLIER_SUPPORT=support, NUM_SAMPLES=8)
+@pytest.mark.parametrize("support, synthesis", [("gaussian", "gaussian"), ("relu", "gaussian"), ("gaussian", "npos")])
+def test_virtual_outliers_in_the_features_support(support, synthesis):
+    cfg = _cfg(START_ITER=0, OUTLIER_SUPPORT=support, NUM_SAMPLES=8, SYNTHESIS=synthesis, NPOS_K=2,
+               NPOS_BOUNDARY=2, NPOS_PER_POINT=4)
     features, shapes, proposals, targets = _inputs()
     heads = _build(cfg, shapes)
     pred = heads.box_predictor
@@ -422,8 +423,10 @@ def test_virtual_outliers_in_the_features_support(support):
     assert pred.synthesizer.is_full()
     outliers = pred._in_support(pred.synthesizer.sample()[0])
     assert (outliers.min() >= 0) == (support == "relu")  # Gaussian tails reach below 0; relu clips them
-    fields = pred.virtual_outlier_fields(rounds=3)
+    reserve = (pred.synthesizer._reserve, pred.synthesizer._reserve_next)
+    fields = pred.virtual_outlier_fields(rounds=3)  # calibration's draws leave training's reserve alone
     assert set(fields) == {"energy", "msp", "rep_score"} and len(fields["energy"]) == 3 * 8 * NUM_CLASSES
+    assert pred.synthesizer._reserve is reserve[0] and pred.synthesizer._reserve_next == reserve[1]
 
 
 def _knn_predictor(monkeypatch, recorded, **kwargs):
