@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ood_det  # noqa: F401  (before any detectron2 import: compat shims)
 from ood_det.modeling.synthesizer import (
@@ -51,6 +52,18 @@ def _filled(K, D, Q, N, S, seed=0):
     syn.enqueue(means[labels] + torch.randn(K * Q, D, generator=g) @ mix.t(), labels)
     assert syn.is_full()
     return syn
+
+
+class Operators(TorchDispatchMode):
+    """The names of the operators run while it is on, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def _exact_stats(syn):
@@ -318,24 +331,13 @@ def test_isf_table_made_in_inference_mode_serves_training():
 def test_radii_take_a_few_host_operators_whatever_the_quantiles():
     """A draw of the benchmark's radii (N = 10000, D = 1024, 20 classes) runs a fixed few operators on
     the host: 31 with torch 2.14.1 (131 when each draw ran chi2_isf's Newton iterations)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(0)
     top_chi_radii(10000, 1, 1024, 20, g)  # the table is made once per D
     counts = []
     for _ in range(5):
-        with Count() as count:
+        with Operators() as count:
             radii = top_chi_radii(10000, 1, 1024, 20, g)
-        counts.append(count.ops)
+        counts.append(len(count.ops))
     assert radii.shape == (20, 1) and bool((radii > math.sqrt(1024)).all())
     assert len(set(counts)) == 1 and counts[0] <= 35, counts
 
@@ -408,20 +410,9 @@ def test_a_draw_from_the_reserve_takes_a_few_operators():
     """Between refills a draw is the product with the Cholesky factor and the cast to the queue's dtype;
     over RESERVE_DRAWS draws, one refill included, 8.2 operators a draw with torch 2.14.1 (42 when each
     draw drew its own radii and directions)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     syn = _filled(K=20, D=64, Q=30, N=10000, S=1)
     syn.sample()  # fits the Gaussian and fills the reserve
-    with Count() as count:
+    with Operators() as count:
         for _ in range(syn.RESERVE_DRAWS):
             syn.sample()
     assert syn._reserve_next == 1  # the last draw refilled the reserve

@@ -25,6 +25,7 @@ repeat) so that they share the machine's noise; min / median / max over the repe
 Preset ``full`` is the VOC head (K=20, D=1024, queue 1000, N=10000, S=1) on the shapes
 backbone at 128 px, batch 2; ``tiny`` is for tests.
 """
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,8 @@ from ..modeling.synthesizer import VirtualOutlierSynthesizer, brute_force_sample
 
 #: Goals of the issue for the cost (reported, not enforced).
 COST_TARGETS = {"train_step_ratio": 1.10, "inference_ratio": 1.03, "synthesis_speedup": 1000.0}
+#: Why kept boxes were scored eagerly although CUDA graph scoring was on: CUDA refused the recording.
+NO_GRAPH = "CUDA graph scoring recorded no graph (see the warning above)"
 COST_PRESETS = {
     # The VOC head (K=20 classes, 2-FC box head D=1024, VOS's queue / candidates) on the shapes backbone.
     "full": dict(num_classes=20, fc_dim=1024, queue_size=1000, num_candidates=10000, num_samples=1,
@@ -309,33 +312,35 @@ def compiled_train_times(run, baseline_model, ood_model, repeats, device):
     compiled (``MODEL.OOD.COMPILE_LOSSES``), ratios), interleaved; one warm-up repeat compiles. The
     model's setting is restored after. RuntimeError where the compilation failed (the head warned why)."""
     predictor = ood_model.roi_heads.box_predictor
-
-    def refused():
-        error = predictor.compiled_losses.error
-        return error and f"torch.compile failed ({error})"
-
     # the warm-up compiles, for every count of foreground proposals of the repeat
     return _interleaved_with(predictor, "compiled_losses", run(baseline_model), run(ood_model), repeats, device,
-                             refused)
+                             lambda: predictor.compiled_losses.failure)
 
 
-def _interleaved_with(predictor, option, run_base, run_variant, repeats, device, refused):
-    """``interleaved(run_base, run_variant)`` with the OOD head's ``option`` on ("graphs" or
-    "compiled_losses", turned on by its ``enable_*`` method), after one warm-up run of
-    ``run_variant`` (which records or compiles); the head's setting is restored after.
-    RuntimeError where ``refused()`` names why the option did not run (it then warned why)."""
+@contextlib.contextmanager
+def head_option_on(predictor, option, warm_up, refused):
+    """The OOD head's ``option`` on ("graphs" or "compiled_losses", turned on by its ``enable_*``
+    method) while the block runs, after one call of ``warm_up`` (which records or compiles); the
+    head's setting is restored after. Yields ``refused()``: why the option did not run (the head
+    then warned why), or None."""
     enable = {"graphs": predictor.enable_cuda_graph_scoring,
               "compiled_losses": predictor.enable_compiled_losses}[option]
     saved = getattr(predictor, option)
     enable()
     try:
-        run_variant()
-        reason = refused()
+        warm_up()
+        yield refused()
+    finally:
+        setattr(predictor, option, saved)
+
+
+def _interleaved_with(predictor, option, run_base, run_variant, repeats, device, refused):
+    """``interleaved(run_base, run_variant)`` under :func:`head_option_on` (``run_variant`` the
+    warm-up); RuntimeError where ``refused()`` names why the option did not run."""
+    with head_option_on(predictor, option, run_variant, refused) as reason:
         if reason:
             raise RuntimeError(f"{reason}; not timed")
         return interleaved(run_base, run_variant, repeats, device)
-    finally:
-        setattr(predictor, option, saved)
 
 
 def infer_each(model, images, amp=False):
@@ -389,7 +394,7 @@ def graphed_inference_ratios(baseline_model, ood_model, images, repeats, device,
     # the warm-up records the graph; None, or no graph recorded: CUDA refused
     t_base, t_graph, ratios = _interleaved_with(
         predictor, "graphs", infer_each(baseline_model, images, amp), infer_each(ood_model, images, amp), repeats,
-        device, lambda: None if predictor.graphs else "CUDA graph scoring recorded no graph (see the warning above)")
+        device, lambda: None if predictor.graphs else NO_GRAPH)
     n = len(images)
     return [t / n for t in t_base], [t / n for t in t_graph], ratios
 
@@ -474,18 +479,16 @@ def measure_synthesis(s, device):
     # covers one refill, so that the times are per draw with the refill's share.
     block = synth.reserve_draws()
 
-    def synthesis_steps():
-        for _ in range(block):
-            synthesis_step()
-
-    def samples():
-        for _ in range(block):
-            synth.sample()
+    def block_of(fn):
+        def run():
+            for _ in range(block):
+                fn()
+        return run
 
     synthesis_step(), refit()
-    step_t, refit_t, _ = interleaved(synthesis_steps, refit, s["synth_repeats"], device)
+    step_t, refit_t, _ = interleaved(block_of(synthesis_step), refit, s["synth_repeats"], device)
     step_t = [t / block for t in step_t]
-    sample_t = [timed(samples, device) / block for _ in range(s["synth_repeats"])]
+    sample_t = [timed(block_of(synth.sample), device) / block for _ in range(s["synth_repeats"])]
     means, cov = synth.class_means(), synth.covariance()
     means32, cov32 = means.float(), cov.float()
     factor32 = torch.linalg.cholesky(cov32)

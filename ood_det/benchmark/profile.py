@@ -43,9 +43,11 @@ from ..utils import atomic_write
 from ..utils import format_number as _num
 from .cost import (
     COST_PRESETS,
+    NO_GRAPH,
     _sync,
     build_cost_models,
     cost_settings,
+    head_option_on,
     infer_each,
     prefill,
     resolve_device,
@@ -333,23 +335,22 @@ def _added(base, variant):
 def _profile_compiled(step, predictor, steps, activities, device):
     """Per-step counts of ``steps`` calls of ``step(i)`` with the OOD losses compiled, after as many
     that compile; {"error"} where compiling failed. The predictor's setting is restored after."""
-    saved = predictor.compiled_losses
-    predictor.enable_compiled_losses()
-    try:
-        for i in range(steps):  # compiles, for every count of foreground proposals of the steps
+
+    def steps_once():
+        for i in range(steps):
             step(i)
-        if predictor.compiled_losses.error:
-            return {"error": f"torch.compile failed ({predictor.compiled_losses.error})"}
+
+    # the warm-up compiles, for every count of foreground proposals of the steps
+    with head_option_on(predictor, "compiled_losses", steps_once, lambda: predictor.compiled_losses.failure) as reason:
+        if reason:
+            return {"error": reason}
         _sync(device)
         with profile(activities=activities) as prof:
             start = time.perf_counter()
-            for i in range(steps):
-                step(i)
+            steps_once()
             _sync(device)
             wall = time.perf_counter() - start
         return summarize_events(prof.events(), steps, wall, device.type == "cuda")["per_step"]
-    finally:
-        predictor.compiled_losses = saved
 
 
 #: The inference variants of :func:`profile_inference`: the plain detector, the OOD head scoring
@@ -399,7 +400,7 @@ def profile_inference(s, device, config="shapes_energy_cfl.yaml", images=4):
                                                    if e.device_type == DeviceType.CPU) / len(batch))
         error = None
         if len(variants) == 3 and not predictor.graphs:  # CUDA refused the recording: eager counts
-            error = "CUDA graph scoring recorded no graph (see the warning above)"
+            error = NO_GRAPH
             del models[INFERENCE_VARIANTS[2]]
         with torch.no_grad():
             boxes = len(ood_model([batch[0]])[0]["instances"])

@@ -46,6 +46,11 @@ class CompiledFunction:
         self.error: Optional[str] = None
         self._compiled = None
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why it computes eagerly ("torch.compile failed (...)"), or None while compiling works."""
+        return f"torch.compile failed ({self.error})" if self.error else None
+
     def __getstate__(self):
         # Copies (copy.deepcopy of a model, pickling) compile again at their first call.
         return {**self.__dict__, "_compiled": None}
@@ -58,5 +63,5 @@ class CompiledFunction:
                 return self._compiled(*args)
             except Exception as e:  # torch's compilers raise many kinds: training goes on, eagerly
                 self.error, self._compiled = one_line(e, 300), None
-                logger.warning("%s turned off, computing eagerly: torch.compile failed (%s)", self.name, self.error)
+                logger.warning("%s turned off, computing eagerly: %s", self.name, self.failure)
         return self.fn(*args)
