@@ -46,7 +46,7 @@ def test_profile_names_the_functions_of_ood_det_behind_the_operators(tiny_profil
     names = [r["site"] for r in sites["top"]]
     assert sites["time"] == "CPU us" and len(names) == len(set(names)) > 5
     # ood_det's own functions, never this benchmark's wrappers; detectron2's losses called from ours are marked
-    assert any(n.startswith("modeling/synthesizer.py:") and n.endswith(" _plan_writes") for n in names)
+    assert any(n.startswith("modeling/synthesizer.py:") and n.endswith(" _write") for n in names)
     assert not any("benchmark" in n for n in names)
     assert any(n.startswith("modeling/roi_heads.py:") and P.VIA_DETECTRON2 + "modeling/roi_heads/fast_rcnn.py losses"
                in n for n in names)
@@ -152,7 +152,7 @@ def test_profile_cli_writes_its_tables(tmp_path, capsys):
     assert P.main(["--scale", "tiny", "--steps", "1", "--output", str(tmp_path)]) == 0
     text = (tmp_path / "profile.md").read_text()
     assert "| kernel_launches |" in text and "| ood.sample |" in text and text in capsys.readouterr().out
-    assert "| function | operators | launches | CPU us |" in text and " _plan_writes` |" in text
+    assert "| function | operators | launches | CPU us |" in text and " _write` |" in text
     assert json.loads((tmp_path / "profile.json").read_text())["steps"] == 1
     assert sorted(p.name for p in tmp_path.glob("trace_*.json")) == sorted(f"trace_{m}.json" for m in P.MODELS)
 

@@ -29,6 +29,7 @@ import logging
 import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from detectron2.config import configurable
@@ -396,8 +397,7 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._reserve, self._reserve_next = None, 0  # (T, K, S, D) offsets drawn ahead; index of the next unused
         # (count, ptr, all full, versions of the two buffers) on the host; None: read when needed.
         # The queues start empty, wherever their buffers were made: nothing to read.
-        empty = torch.zeros(num_classes, dtype=torch.long, device="cpu")
-        self._remember(empty, empty.clone())
+        self._remember(np.zeros(num_classes, dtype=np.int64), np.zeros(num_classes, dtype=np.int64))
         self._announced = set()  # status lines already logged: "waiting", "started"
 
     @classmethod
@@ -443,16 +443,18 @@ class VirtualOutlierSynthesizer(nn.Module):
         self._write(features, labels.cpu())
 
     def _write(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        # Which feature goes to which slot is a few integers per feature: worked out on the CPU from
-        # host labels and the host copy of the counters, then sent to the device in one copy that
-        # does not wait, instead of device ops that would each wait for the GPU.
+        # Which feature goes to which slot is a few integers per feature: worked out on the CPU (in
+        # numpy, a few times cheaper than torch's dispatch on such small arrays) from host labels and
+        # the host copy of the counters, then sent to the device in one copy that does not wait,
+        # instead of device ops that would each wait for the GPU.
         count, ptr = self._counters()
-        plan = _plan_writes(labels, count, ptr, self.queue_size,
+        plan = _plan_writes(labels.numpy(), count, ptr, self.queue_size,
                             fill_only=self.rotation == "all_full" and not self.is_full())
         if plan is None:
             return
         self._writes_since_fit += 1
-        packed = host_to_device(torch.cat(plan), self.queue.device)
+        packed = host_to_device(torch.from_numpy(np.concatenate(plan).astype(np.int64, copy=False)),
+                                self.queue.device)
         index, labels, slots, old_labels, old_slots, count_d, ptr_d = packed.split([len(t) for t in plan])
         if len(index) != len(features):  # index increases: as long as features, it is every row in order
             features = features.index_select(0, index)
@@ -463,20 +465,20 @@ class VirtualOutlierSynthesizer(nn.Module):
         self.queue_ptr.copy_(ptr_d)
         self._remember(plan[-2], plan[-1])
 
-    def _remember(self, count: torch.Tensor, ptr: torch.Tensor) -> None:
+    def _remember(self, count: np.ndarray, ptr: np.ndarray) -> None:
         self._host = (count, ptr, self._full_in(count), self._versions())
 
     def _versions(self) -> Tuple[int, int]:
         return tensor_version(self.queue_count), tensor_version(self.queue_ptr)
 
-    def _counters(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(K,) features held and (K,) next slot of each class queue, on the host. Read back from
-        the device only when the buffers changed other than by a write (a checkpoint load, a move)."""
+    def _counters(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(K,) int64 features held and (K,) next slot of each class queue, on the host. Read back
+        from the device only when the buffers changed other than by a write (a checkpoint load, a move)."""
         if self._host is None or self._host[3] != self._versions():
-            self._remember(*torch.stack([self.queue_count, self.queue_ptr]).cpu())
+            self._remember(*torch.stack([self.queue_count, self.queue_ptr]).cpu().numpy())
         return self._host[0], self._host[1]
 
-    def _full_in(self, count: torch.Tensor) -> bool:
+    def _full_in(self, count: np.ndarray) -> bool:
         return bool((count >= self.queue_size).all())
 
     def _update_stats(self, new, new_labels, old, old_labels) -> None:
@@ -661,44 +663,44 @@ class VirtualOutlierSynthesizer(nn.Module):
         return empty, torch.zeros(0, dtype=torch.long, device=device)
 
 
-def _plan_writes(labels, count, ptr, queue_size: int, fill_only: bool):
+def _plan_writes(labels: np.ndarray, count: np.ndarray, ptr: np.ndarray, queue_size: int, fill_only: bool):
     """
-    Where one batch of features goes (all CPU tensors). Returns None when nothing is written, else
-    the int64 tensors (index of the features kept (increasing), their labels, their slots, class and
-    slot of each queued feature they evict, the new counts, the new write pointers).
+    Where one batch of features goes (all int64 numpy arrays on the host). Returns None when nothing
+    is written, else the arrays (index of the features kept (increasing), their labels, their slots,
+    class and slot of each queued feature they evict, the new counts, the new write pointers).
 
     Args:
-        labels: (B,) int64, any value (those outside [0, K) are dropped).
+        labels: (B,) any value (those outside [0, K) are dropped).
         count, ptr: (K,) features held and next slot of each class queue.
         fill_only: take only what still fits (VOS's filling phase); else FIFO with eviction.
     """
     K = len(count)
-    index = torch.nonzero((labels >= 0) & (labels < K)).squeeze(1)
-    counts = torch.bincount(labels[index], minlength=K)
-    rank = _rank_within_class(labels[index], counts)
-    if fill_only:
-        room = rank < (queue_size - count)[labels[index]]
-        index, rank = index[room], rank[room]
-        counts = torch.bincount(labels[index], minlength=K)
-    skip = (counts - queue_size).clamp(min=0)[labels[index]]  # only the last Q of a class fit
-    fits = rank >= skip
-    index, rank = index[fits], (rank - skip)[fits]
-    if index.numel() == 0:
-        return None
+    index = np.flatnonzero((labels >= 0) & (labels < K))
     kept = labels[index]
+    counts = np.bincount(kept, minlength=K)
+    rank = _rank_within_class(kept, counts)
+    if fill_only:
+        room = rank < (queue_size - count)[kept]
+        index, rank, kept = index[room], rank[room], kept[room]
+        counts = np.bincount(kept, minlength=K)
+    skip = np.maximum(counts - queue_size, 0)[kept]  # only the last Q of a class fit
+    fits = rank >= skip
+    index, rank, kept = index[fits], (rank - skip)[fits], kept[fits]
+    if index.size == 0:
+        return None
     slots = (ptr[kept] + rank) % queue_size
     evicted = slots < count[kept]
-    added = counts.clamp(max=queue_size)
-    return (index, kept, slots, kept[evicted], slots[evicted], (count + added).clamp(max=queue_size),
+    added = np.minimum(counts, queue_size)
+    return (index, kept, slots, kept[evicted], slots[evicted], np.minimum(count + added, queue_size),
             (ptr + added) % queue_size)
 
 
-def _rank_within_class(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _rank_within_class(labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(B,) position of each label among the equal labels before it (0 for the first)."""
-    order = torch.argsort(labels, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    order = np.argsort(labels, kind="stable")
+    starts = np.cumsum(counts) - counts
+    rank = np.empty_like(labels)
+    rank[order] = np.arange(len(labels)) - starts[labels[order]]
     return rank
 
 
