@@ -439,7 +439,8 @@ def markdown(result) -> str:
         lines += ["", f"Not profiled with the OOD losses compiled: {compiled['error']}."]
     elif compiled:
         c, a = compiled["per_step"], compiled["added"]
-        lines += ["", f"With the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES): {_num(c['kernel_launches'])} "
+        lines += ["", f"With the OOD losses compiled (MODEL.OOD.COMPILE_LOSSES): {_num(c['aten_ops'])} aten ops "
+                  f"({_num(a['aten_ops'])} added), {_num(c['kernel_launches'])} "
                   f"kernel launches ({_num(a['kernel_launches'])} added), {_num(c['host_waits'])} host waits "
                   f"({_num(a['host_waits'])} added), {_num(c['wall_ms'])} ms wall ({_num(a['wall_ms'])} added) "
                   "per step."]
@@ -483,20 +484,24 @@ def write_profile(result, out) -> Path:
 
 
 def main(argv=None):
-    """``python -m ood_det.benchmark.profile [--device cuda] [--output DIR]``: profile the cost
-    models' training step, print the tables and write them with the Chrome traces to ``--output``."""
+    """``python -m ood_det.benchmark.profile [--device cuda] [--output DIR] [--compiled]``: profile the
+    cost models' training step, print the tables and write them with the Chrome traces to ``--output``."""
     p = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--output", default="output/profile", help="folder of the tables and traces (default: %(default)s)")
     p.add_argument("--scale", choices=sorted(COST_PRESETS), default="full", help="cost preset (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="profiled steps per model (default: one refit period)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also profile the OOD model with its losses compiled (MODEL.OOD.COMPILE_LOSSES) off CUDA "
+                        "(on CUDA it always is)")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
     except OODDetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = profile_train_step(cost_settings(args.scale), device, steps=args.steps, trace_dir=args.output)
+    result = profile_train_step(cost_settings(args.scale), device, steps=args.steps, trace_dir=args.output,
+                                compiled=args.compiled or None)
     result["inference"] = profile_inference(cost_settings(args.scale), device)
     write_profile(result, args.output)
     print(markdown(result))
