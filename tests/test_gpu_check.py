@@ -64,3 +64,43 @@ def test_gpu_check_summary_reports_the_cost_with_compiled_losses_and_cuda_graphs
     cost.update(compiled_train_step_ratio=None, compiled_train_step_error="torch.compile failed (no triton)")
     line = next(x for x in gpu_check.markdown(summary).splitlines() if x.startswith("- cost on"))
     assert "training step 1.141x (not timed with compiled losses: torch.compile failed (no triton))" in line
+
+
+def test_gpu_check_writes_the_summary_after_each_step(tmp_path, monkeypatch):
+    """A run cut off (a machine's time limit) keeps the steps it finished in summary.json; all_passed
+    comes with the last step."""
+    import json
+
+    import torch
+
+    seen = {}
+
+    def step(name):
+        def run(*args):
+            seen[name] = json.loads((tmp_path / "summary.json").read_text()) if name != "tests" else None
+            return {"passed": True, "step": name}
+        return run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    for name in ("tests", "visualize", "cost", "profile"):
+        monkeypatch.setattr(gpu_check, f"{name}_step", step(name))
+    monkeypatch.setattr(gpu_check, "train_step", lambda out, device: (step("train")(), out / "run"))
+
+    def real_config_step(device):
+        seen["real_config"] = json.loads((tmp_path / "summary.json").read_text())
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_check, "real_config_step", real_config_step)
+    monkeypatch.setattr(gpu_check, "markdown", lambda summary: "summary\n")
+    assert gpu_check.main(["--output", str(tmp_path)]) == 1
+    order = ["train", "visualize", "cost", "profile", "real_config"]
+    done = ["tests"]
+    for name in order:  # what each step found written: every step before it, and no verdict yet
+        assert [k for k in ("tests", *order) if k in seen[name]] == done and "all_passed" not in seen[name]
+        assert seen[name]["gpu"] == "a GPU"
+        done.append(name)
+    final = json.loads((tmp_path / "summary.json").read_text())
+    assert final["real_config"] == {"passed": False, "error": "CUDA out of memory"}
+    assert final["all_passed"] is False and final["profile"] == {"passed": True, "step": "profile"}
+    assert (tmp_path / "summary.md").read_text() == "summary\n"

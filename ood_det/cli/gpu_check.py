@@ -30,7 +30,9 @@ compilations add to it, by how much not yet measured there):
    for the config's score, its kept boxes scored eagerly and through CUDA graphs
    (``MODEL.OOD.CUDA_GRAPH_SCORING``).
 
-Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``.
+Writes ``summary.json`` and ``summary.md`` (and each step's log) to ``--output``. ``summary.json``
+is written again after each step, so that a run cut off (a machine's time limit) keeps the steps it
+finished; ``all_passed`` and ``wall_time_s`` appear in it once every step has run.
 Exit status 0 when every step passed, 1 otherwise.
 """
 import argparse
@@ -379,6 +381,10 @@ def _failed(error):
     return {"passed": False, "error": " ".join(str(error).split())[:300]}
 
 
+def _save(out, summary):
+    atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="output/gpu_check", help="folder of the summary and logs (default: %(default)s)")
@@ -395,13 +401,18 @@ def main(argv=None):
     summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "device": args.device,
                "detectron2": detectron2.__version__}
     summary["tests"] = tests_step(out)
+    _save(out, summary)
     summary["train"], run_dir = train_step(out, args.device)
+    _save(out, summary)
     summary["visualize"] = visualize_step(out, run_dir, args.device)
+    _save(out, summary)
     summary["cost"] = cost_step(out, args.device)
+    _save(out, summary)
     try:
         summary["profile"] = profile_step(out, args.device)
     except (RuntimeError, ValueError) as e:
         summary["profile"] = _failed(e)
+    _save(out, summary)
     try:
         summary["real_config"] = dict(real_config_step(args.device), passed=True)
         summary["estimates"] = estimates(summary["real_config"])
@@ -410,7 +421,7 @@ def main(argv=None):
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     summary["all_passed"] = all(summary[k].get("passed") for k in ("tests", "train", "visualize", "cost",
                                                                      "profile", "real_config"))
-    atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=2))
+    _save(out, summary)
     text = markdown(summary)
     atomic_write(out / "summary.md", lambda f: f.write(text))
     print(text)
