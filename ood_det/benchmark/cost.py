@@ -313,31 +313,38 @@ def compiled_train_times(run, baseline_model, ood_model, repeats, device):
     model's setting is restored after. RuntimeError where the compilation failed (the head warned why)."""
     predictor = ood_model.roi_heads.box_predictor
     # the warm-up compiles, for every count of foreground proposals of the repeat
-    return _interleaved_with(predictor, "compiled_losses", run(baseline_model), run(ood_model), repeats, device,
-                             lambda: predictor.compiled_losses.failure)
+    return _interleaved_with(predictor, "compiled_losses", run(baseline_model), run(ood_model), repeats, device)
+
+
+def option_refused(predictor, option):
+    """Why the OOD head's ``option`` ("graphs" or "compiled_losses"), on and run, did not run (the
+    head warned why): CUDA refused to record a graph, or torch.compile failed; None where it ran."""
+    if option == "graphs":
+        return None if predictor.graphs else NO_GRAPH
+    return predictor.compiled_losses.failure
 
 
 @contextlib.contextmanager
-def head_option_on(predictor, option, warm_up, refused):
+def head_option_on(predictor, option, warm_up):
     """The OOD head's ``option`` on ("graphs" or "compiled_losses", turned on by its ``enable_*``
     method) while the block runs, after one call of ``warm_up`` (which records or compiles); the
-    head's setting is restored after. Yields ``refused()``: why the option did not run (the head
-    then warned why), or None."""
+    head's setting is restored after. Yields :func:`option_refused`: why the option did not run,
+    or None."""
     enable = {"graphs": predictor.enable_cuda_graph_scoring,
               "compiled_losses": predictor.enable_compiled_losses}[option]
     saved = getattr(predictor, option)
     enable()
     try:
         warm_up()
-        yield refused()
+        yield option_refused(predictor, option)
     finally:
         setattr(predictor, option, saved)
 
 
-def _interleaved_with(predictor, option, run_base, run_variant, repeats, device, refused):
+def _interleaved_with(predictor, option, run_base, run_variant, repeats, device):
     """``interleaved(run_base, run_variant)`` under :func:`head_option_on` (``run_variant`` the
-    warm-up); RuntimeError where ``refused()`` names why the option did not run."""
-    with head_option_on(predictor, option, run_variant, refused) as reason:
+    warm-up); RuntimeError naming why the option did not run, where it did not."""
+    with head_option_on(predictor, option, run_variant) as reason:
         if reason:
             raise RuntimeError(f"{reason}; not timed")
         return interleaved(run_base, run_variant, repeats, device)
@@ -394,7 +401,7 @@ def graphed_inference_ratios(baseline_model, ood_model, images, repeats, device,
     # the warm-up records the graph; None, or no graph recorded: CUDA refused
     t_base, t_graph, ratios = _interleaved_with(
         predictor, "graphs", infer_each(baseline_model, images, amp), infer_each(ood_model, images, amp), repeats,
-        device, lambda: None if predictor.graphs else NO_GRAPH)
+        device)
     n = len(images)
     return [t / n for t in t_base], [t / n for t in t_graph], ratios
 

@@ -43,12 +43,12 @@ from ..utils import atomic_write
 from ..utils import format_number as _num
 from .cost import (
     COST_PRESETS,
-    NO_GRAPH,
     _sync,
     build_cost_models,
     cost_settings,
     head_option_on,
     infer_each,
+    option_refused,
     prefill,
     resolve_device,
     synthetic_batch,
@@ -341,7 +341,7 @@ def _profile_compiled(step, predictor, steps, activities, device):
             step(i)
 
     # the warm-up compiles, for every count of foreground proposals of the steps
-    with head_option_on(predictor, "compiled_losses", steps_once, lambda: predictor.compiled_losses.failure) as reason:
+    with head_option_on(predictor, "compiled_losses", steps_once) as reason:
         if reason:
             return {"error": reason}
         _sync(device)
@@ -398,9 +398,8 @@ def profile_inference(s, device, config="shapes_energy_cfl.yaml", images=4):
             models[name] = dict(summarize_events(events, len(batch), wall, cuda)["per_step"],
                                 graph_launches=sum(_is_graph_launch(e.name) for e in events
                                                    if e.device_type == DeviceType.CPU) / len(batch))
-        error = None
-        if len(variants) == 3 and not predictor.graphs:  # CUDA refused the recording: eager counts
-            error = NO_GRAPH
+        error = option_refused(predictor, "graphs") if len(variants) == 3 else None
+        if error:  # CUDA refused the recording: eager counts
             del models[INFERENCE_VARIANTS[2]]
         with torch.no_grad():
             boxes = len(ood_model([batch[0]])[0]["instances"])
