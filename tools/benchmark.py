@@ -2,7 +2,7 @@
 """Benchmark ood_det: three methods side by side with paired 95% intervals, and what the OOD head costs.
 
     tools/benchmark.py                          # 5 seeds x (trunk, vanilla, vos, energy_cfl), then the cost
-    tools/benchmark.py --quick                  # 1 seed, a trunk of half its schedule, converged methods
+    tools/benchmark.py --quick                  # 1 seed, a quarter-schedule trunk, methods on half theirs
     tools/benchmark.py --skip-quality           # the cost ratios only (a few minutes on a CPU)
     tools/benchmark.py --validation             # on the tuning splits, for choosing hyper-parameters
     tools/benchmark.py --device cuda --config-prefix voc_ --skip-cost
