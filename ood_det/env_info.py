@@ -27,11 +27,16 @@ def describe() -> dict:
     return info
 
 
+def short(info=None) -> str:
+    """:func:`describe` on one line."""
+    return ", ".join(f"{k} {v}" for k, v in (describe() if info is None else info).items())
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     info = describe()
     if "--short" in argv:
-        print(", ".join(f"{k} {v}" for k, v in info.items()))
+        print(short(info))
     else:
         width = max(map(len, info))
         for k, v in info.items():
